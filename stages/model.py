@@ -1,0 +1,128 @@
+"""The CNN, built from `model.*` params, and the per-layer parameter report.
+
+One builder serves every seed: the architecture is data (a list of layers in params.yaml),
+so a new recipe is a new preset file, not new code.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from stages.params import (
+    IMAGE_SIZE,
+    IN_CHANNELS,
+    NUM_CLASSES,
+    ConvLayer,
+    DropoutLayer,
+    MaxPoolLayer,
+    Model,
+    TransitionLayer,
+)
+
+
+def build_model(cfg: Model) -> nn.Sequential:
+    """Layers named conv1, bn1, relu1, pool1, ... so reports and state dicts read clearly."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    counts: dict[str, int] = {}
+
+    def add(kind: str, module: nn.Module) -> None:
+        counts[kind] = counts.get(kind, 0) + 1
+        layers[f"{kind}{counts[kind]}"] = module
+
+    channels = IN_CHANNELS
+    for layer in cfg.layers:
+        if isinstance(layer, ConvLayer):
+            add("conv", nn.Conv2d(channels, layer.conv, layer.kernel,
+                                  padding=cfg.conv_padding(layer), bias=cfg.bias))
+            channels = layer.conv
+            if cfg.batchnorm if layer.bn is None else layer.bn:
+                add("bn", nn.BatchNorm2d(channels))
+            if layer.relu:
+                add("relu", nn.ReLU())
+        elif isinstance(layer, TransitionLayer):
+            add("pool", nn.MaxPool2d(2))
+            add("conv", nn.Conv2d(channels, layer.transition, 1, bias=cfg.bias))
+            channels = layer.transition
+            if layer.relu:
+                add("relu", nn.ReLU())
+        elif isinstance(layer, MaxPoolLayer):
+            add("pool", nn.MaxPool2d(layer.maxpool))
+        elif isinstance(layer, DropoutLayer):
+            add("dropout", nn.Dropout(layer.dropout))
+
+    if cfg.head == "fc":
+        layers["flatten"] = nn.Flatten()
+        layers["fc"] = nn.Linear(channels * feature_map_size(cfg) ** 2, NUM_CLASSES, bias=cfg.bias)
+    else:  # gap: a 1x1 conv on the pooled 1x1 map is a linear classifier without flattening first
+        layers["gap"] = nn.AdaptiveAvgPool2d(1)
+        layers["classifier"] = nn.Conv2d(channels, NUM_CLASSES, 1, bias=cfg.bias)
+        layers["flatten"] = nn.Flatten()
+    return nn.Sequential(layers)
+
+
+def feature_map_size(cfg: Model) -> int:
+    """Side of the last feature map for a 28x28 input (params validation checked it is >= 1)."""
+    size = IMAGE_SIZE
+    for layer in cfg.layers:
+        if isinstance(layer, ConvLayer):
+            size = size + 2 * cfg.conv_padding(layer) - layer.kernel + 1
+        elif isinstance(layer, TransitionLayer):
+            size //= 2
+        elif isinstance(layer, MaxPoolLayer):
+            size //= layer.maxpool
+    return size
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def layer_table(model: nn.Sequential) -> list[dict]:
+    """One row per layer: name, type, output shape, parameters and receptive field.
+
+    Shapes come from a real forward pass (hooks), so they cannot drift from the model.
+    The receptive field (in input pixels, padding included) grows by (kernel - 1) * jump at
+    each conv or pool, and the jump is multiplied by the stride.
+    """
+    shapes: dict[str, list[int]] = {}
+    hooks = [module.register_forward_hook(
+        lambda _m, _in, out, name=name: shapes.__setitem__(name, list(out.shape[1:])))
+        for name, module in model.named_children()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE,
+                              device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+
+    rows, receptive_field, jump, side = [], 1, 1, IMAGE_SIZE
+    for name, module in model.named_children():
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+            kernel, stride = _first(module.kernel_size), _first(module.stride)
+        elif isinstance(module, (nn.AdaptiveAvgPool2d, nn.Linear)):
+            kernel, stride = side, side  # pools (or weighs) the whole last feature map
+        else:
+            kernel, stride = 1, 1
+        receptive_field += (kernel - 1) * jump
+        jump *= stride
+        if len(shapes[name]) == 3:
+            side = shapes[name][-1]
+        rows.append({
+            "name": name,
+            "type": type(module).__name__,
+            "output_shape": shapes[name],
+            "params": sum(p.numel() for p in module.parameters()),
+            "receptive_field": receptive_field,
+        })
+    return rows
+
+
+def _first(value: int | tuple[int, ...]) -> int:
+    return value[0] if isinstance(value, tuple) else value

@@ -1,0 +1,143 @@
+"""MLflow: where runs are stored, and one run per pipeline execution.
+
+The train stage opens the run and records its id in the checkpoint; the evaluate stage
+reopens the same run to add the test metrics and reports.
+
+Where the store lives matters under `dvc exp run --queue` and `--temp`: those run in a
+throw-away copy of the repo, so a relative URI would lose the run with the copy. The store
+is therefore pinned to the original repo (DVC_ROOT), and the experiment is created with an
+explicit artifact location there. MLFLOW_TRACKING_URI, when set, wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+
+EXPERIMENT_NAME = "mnist-cnn"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached or used."""
+
+
+def project_root() -> Path:
+    """The original repo, also when DVC runs the stage in a temporary copy."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def connect() -> str:
+    """Point MLflow at the store and return the experiment id, failing fast when unreachable.
+
+    MLflow retries HTTP requests for minutes by default; the probe uses one short attempt so
+    a dead server stops the stage in seconds, before any training.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    probe_env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {key: os.environ.get(key) for key in probe_env}
+    os.environ.update(probe_env)
+    try:
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifacts = (project_root() / "mlruns").as_uri()
+        try:
+            return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifacts)
+        except MlflowException:  # a parallel queued run created it first
+            return mlflow.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
+    except Exception as err:  # noqa: BLE001 - any failure here means "cannot track"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrackingError(f"MLflow tracking store {uri} is unreachable or unusable: "
+                            f"{first_line}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_name() -> str | None:
+    """Runs are named after the DVC experiment when there is one."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
+def run_tags(device: str, extra: Mapping[str, str] = {}) -> dict[str, str]:
+    import torch
+
+    tags = {"device": device, "torch_version": torch.__version__, **extra}
+    commit = _git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=project_root(), timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 0.2}} -> {"train.lr": "0.2"}; lists stay one compact JSON value."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value, separators=(",", ":"))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+@contextlib.contextmanager
+def run_status(run_id: str) -> Iterator[None]:
+    """Keep the run active while the block runs, and end it with the status it earned:
+    FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM. Never left RUNNING."""
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def new_run(experiment_id: str, tags: Mapping[str, str]) -> str:
+    """Create a run (not yet active) and return its id."""
+    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name(), tags=dict(tags))
+    return run.info.run_id

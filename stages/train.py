@@ -1,0 +1,214 @@
+"""Stage `train`: build the CNN from params, train it, save models/model.pt, track it in MLflow.
+
+    python -m stages.train        (dvc repro runs it; settings come from params.yaml)
+
+Outputs: models/model.pt (weights + architecture, the final model), models/checkpoint.pt
+(after every epoch, for `train.resume`), reports/training_curves.csv (the per-epoch metrics
+DVC plots) and reports/train_metrics.json (best epoch, time, throughput).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from torch import nn
+
+from stages import tracking
+from stages.data import DataError, load_split, normalize, steps_per_epoch
+from stages.device import describe, resolve_device, resolve_precision
+from stages.files import write_atomic, write_csv, write_json
+from stages.loop import evaluate, train_one_epoch
+from stages.model import build_model, count_parameters
+from stages.params import Params, ParamsError, Train, load_params
+
+MODEL_FILE = Path("models/model.pt")
+CHECKPOINT_FILE = Path("models/checkpoint.pt")
+CURVES_FILE = Path("reports/training_curves.csv")
+TRAIN_METRICS_FILE = Path("reports/train_metrics.json")
+METRIC_NAMES = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
+                "epoch_seconds")
+
+
+def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Train, steps: int):
+    """OneCycle steps every batch; StepLR and ReduceLROnPlateau step once per epoch."""
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps,
+            pct_start=cfg.onecycle.pct_start, div_factor=cfg.onecycle.div_factor,
+            final_div_factor=cfg.onecycle.final_div_factor)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step.step_size, cfg.step.gamma)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.plateau.factor, patience=cfg.plateau.patience)
+    return None
+
+
+def recipe(params: Params) -> dict:
+    """What a checkpoint must match to be resumed: everything but the resume switch itself."""
+    snapshot = params.model_dump(mode="json")
+    snapshot["train"].pop("resume")
+    return snapshot
+
+
+def load_resumable(params: Params) -> dict | None:
+    """The last checkpoint, if resuming is on and it was written by this same recipe."""
+    if not (params.train.resume and CHECKPOINT_FILE.exists()):
+        return None
+    try:
+        state = torch.load(CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any unreadable file: say so, start afresh
+        print(f"train: {CHECKPOINT_FILE} is unreadable ({type(err).__name__}); starting afresh")
+        return None
+    if state.get("recipe") != recipe(params):
+        print(f"train: {CHECKPOINT_FILE} is from another recipe; starting afresh")
+        return None
+    return state
+
+
+def main() -> None:
+    # Everything that can be wrong with the inputs is checked before any work starts.
+    try:
+        params = load_params()
+        device = resolve_device(params.train.device)
+        dtype = resolve_precision(params.train.precision, device)
+        cfg = params.train
+        train_data = load_split(train=True, limit=cfg.limit_train, device=device)
+        test_data = load_split(train=False, limit=cfg.limit_test, device=device)
+        experiment_id = tracking.connect()
+    except (ParamsError, DataError, tracking.TrackingError) as err:
+        sys.exit(f"train: error: {err}")
+
+    torch.manual_seed(params.base.seed)
+    generator = torch.Generator().manual_seed(params.base.seed)  # shuffling + augmentation
+    model = build_model(params.model).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps = steps_per_epoch(len(train_data), cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    history: list[dict] = []
+
+    resumed = load_resumable(params)
+    if resumed:
+        model.load_state_dict(resumed["model_state"])
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resumed["scheduler_state"])
+        torch.set_rng_state(resumed["torch_rng"])
+        generator.set_state(resumed["generator_rng"])
+        history = resumed["history"]
+        run_id = resumed["mlflow_run_id"]
+        print(f"train: resuming after epoch {len(history)} (MLflow run {run_id})")
+    else:
+        run_id = tracking.new_run(experiment_id, tracking.run_tags(
+            describe(device), {"preset": params.base.preset}))
+
+    device_name = describe(device)
+    print(f"train: {count_parameters(model):,} parameters on {device_name}, "
+          f"{str(dtype).removeprefix('torch.')}, {len(train_data):,} training images, "
+          f"MLflow run {run_id} at {tracking.tracking_uri()}")
+
+    with tracking.run_status(run_id):
+        if not resumed:
+            mlflow.log_params(tracking.flatten(params.model_dump(mode="json")))
+        train_start = time.perf_counter()
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            per_batch = scheduler if cfg.scheduler == "onecycle" else None
+            metrics = train_one_epoch(model, train_data, optimizer, per_batch, cfg, generator,
+                                      dtype, epoch)
+            result = evaluate(model, test_data, params.evaluate.batch_size, cfg, dtype)
+            if cfg.scheduler == "plateau":
+                scheduler.step(result.loss)
+            elif cfg.scheduler == "step":
+                scheduler.step()
+            metrics = {"epoch": epoch, **metrics, "test_loss": result.loss,
+                       "test_accuracy": result.accuracy, "lr": lr,
+                       "epoch_seconds": time.perf_counter() - started}
+            history.append(metrics)
+            # Every sink gets the same dict: MLflow, the DVC plots file, the log line.
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            write_csv(CURVES_FILE, METRIC_NAMES, history)
+            print("train: " + "  ".join(_format(k, v) for k, v in metrics.items()), flush=True)
+            write_atomic(CHECKPOINT_FILE, lambda f: torch.save({
+                "recipe": recipe(params), "history": history, "mlflow_run_id": run_id,
+                "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                "scheduler_state": scheduler.state_dict() if scheduler else None,
+                "torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state(),
+            }, f))
+        train_seconds = time.perf_counter() - train_start
+
+        save_model(model, params, run_id)
+        best = max(history, key=lambda m: m["test_accuracy"])
+        summary = {
+            "final_test_accuracy": history[-1]["test_accuracy"],
+            "best_test_accuracy": best["test_accuracy"],
+            "best_epoch": best["epoch"],
+            "epochs": cfg.epochs,
+            "params": count_parameters(model),
+            "train_seconds": round(train_seconds, 2),
+            "images_per_second": round(sum(len(train_data) for _ in history) /
+                                       sum(m["epoch_seconds"] for m in history)),
+            "device": device_name,
+        }
+        write_json(TRAIN_METRICS_FILE, summary)
+        mlflow.log_metrics({"best_test_accuracy": best["test_accuracy"],
+                            "train_seconds": summary["train_seconds"]})
+        log_model(model, normalize(train_data.images[:2], cfg.normalize))
+        print(f"train: final test accuracy {summary['final_test_accuracy']:.4f}, best "
+              f"{best['test_accuracy']:.4f} (epoch {best['epoch']}), {train_seconds:.1f} s "
+              f"on {device_name}")
+
+
+def save_model(model: nn.Module, params: Params, run_id: str) -> None:
+    """models/model.pt: plain tensors and the architecture's params, so
+    `torch.load(..., weights_only=True)` reads it and `build_model` rebuilds it."""
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    write_atomic(MODEL_FILE, lambda f: torch.save({
+        "model": params.model.model_dump(mode="json"),
+        "state_dict": state,
+        "params": params.model_dump(mode="json"),
+        "mlflow_run_id": run_id,
+    }, f))
+
+
+def log_model(model: nn.Module, example: torch.Tensor) -> None:
+    """Log the model in MLflow's format with a signature and an input example of 2 normalised
+    images (a batch of 1 would freeze the exported batch size at 1)."""
+    from mlflow.models import infer_signature
+
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval().float()
+    example = example.detach().cpu().float().contiguous().numpy()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.log_model(model, name="model", input_example=example,
+                             signature=infer_signature(example, output),
+                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def _format(key: str, value: float) -> str:
+    if key == "epoch":
+        return f"epoch {value}"
+    if key == "lr":
+        return f"lr {value:.4g}"
+    if key == "epoch_seconds":
+        return f"{value:.1f}s"
+    return f"{key} {value:.4f}"
+
+
+if __name__ == "__main__":
+    main()
