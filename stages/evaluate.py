@@ -22,7 +22,7 @@ from torch import nn  # noqa: E402
 
 from stages import tracking  # noqa: E402
 from stages.data import DataError, load_split  # noqa: E402
-from stages.device import resolve_device, resolve_precision  # noqa: E402
+from stages.device import configure, resolve_device, resolve_precision  # noqa: E402
 from stages.files import write_atomic, write_csv, write_json, write_text  # noqa: E402
 from stages.loop import evaluate  # noqa: E402
 from stages.model import build_model, count_parameters, layer_table  # noqa: E402
@@ -55,8 +55,10 @@ def load_model(path: Path = MODEL_FILE) -> tuple[nn.Module, Params, str]:
     except FileNotFoundError:
         raise ModelFileError(f"{path} not found; run `dvc repro train`") from None
     except Exception as err:  # noqa: BLE001 - truncated, garbage, or foreign: one clear message
+        detail = next((line.strip() for line in str(err).splitlines()
+                       if line.strip() and "weights_only" not in line), "")
         raise ModelFileError(f"{path} is not a readable model checkpoint of this pipeline "
-                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                             f"({type(err).__name__}{': ' + detail[:200] if detail else ''}); "
                              f"rerun `dvc repro train`") from None
 
 
@@ -151,6 +153,7 @@ def main() -> None:
     except (ParamsError, DataError, ModelFileError, tracking.TrackingError) as err:
         sys.exit(f"evaluate: error: {err}")
 
+    configure(device)
     model = model.to(device)
     with tracking.run_status(run_id):
         result = evaluate(model, test_data, stage_params.evaluate.batch_size, params.train, dtype)
@@ -173,7 +176,8 @@ def main() -> None:
         plot_confusion(matrix, FIGURES / "confusion_matrix.png")
         plot_curves(CURVES_FILE, FIGURES / "training_curves.png")
 
-        mlflow.log_metrics(metrics)
+        # Per-epoch curves own the plain names; the evaluated model's figures are "final_".
+        mlflow.log_metrics({f"final_{name}": value for name, value in metrics.items()})
         mlflow.log_metrics({f"test_accuracy_digit_{d}": per_class[d].item()
                             for d in range(NUM_CLASSES)})
         for path in (METRICS_FILE, REPORT_JSON, REPORT_MD, PER_CLASS_FILE):

@@ -34,15 +34,18 @@ class ParamsError(ValueError):
 
 class Section(BaseModel):
     # Frozen: a stage cannot change its own settings halfway. Forbid: a typo is an error.
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No inf/nan learning rates; ints must be ints (YAML `true` or `16.5` is not a channel count).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+Channels = Annotated[int, Field(gt=0, le=1024, strict=True)]
+NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Base(Section):
-    seed: Annotated[int, Field(ge=0)] = 42
+    seed: NonNegativeInt = 42
     preset: str = "default"
 
 
@@ -66,9 +69,9 @@ class Data(Section):
 class ConvLayer(Section):
     """`{conv: C}`: a KxK convolution to C channels, then BatchNorm and ReLU."""
 
-    conv: PositiveInt
-    kernel: PositiveInt = 3
-    padding: Annotated[int, Field(ge=0)] | None = None  # None: model.padding
+    conv: Channels
+    kernel: Annotated[int, Field(gt=0, le=IMAGE_SIZE, strict=True)] = 3
+    padding: Annotated[int, Field(ge=0, le=IMAGE_SIZE, strict=True)] | None = None  # None: model.padding
     bn: bool | None = None  # None: model.batchnorm
     relu: bool = True
 
@@ -76,14 +79,14 @@ class ConvLayer(Section):
 class TransitionLayer(Section):
     """`{transition: C}`: MaxPool2d(2), then a 1x1 convolution to C channels (no BatchNorm)."""
 
-    transition: PositiveInt
+    transition: Channels
     relu: bool = False
 
 
 class MaxPoolLayer(Section):
     """`{maxpool: K}`: MaxPool2d(K)."""
 
-    maxpool: Annotated[int, Field(ge=2)]
+    maxpool: Annotated[int, Field(ge=2, le=IMAGE_SIZE, strict=True)]
 
 
 class DropoutLayer(Section):
@@ -176,7 +179,7 @@ class Step(Section):
 
 class Plateau(Section):
     factor: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    patience: Annotated[int, Field(ge=0)] = 2
+    patience: NonNegativeInt = 2
 
 
 class Augment(Section):
@@ -219,8 +222,8 @@ class Train(Section):
     normalize: Normalize = Normalize()
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
-    limit_train: Annotated[int, Field(ge=0)] = 0
-    limit_test: Annotated[int, Field(ge=0)] = 0
+    limit_train: NonNegativeInt = 0
+    limit_test: NonNegativeInt = 0
     resume: bool = False
 
     @model_validator(mode="after")
@@ -255,12 +258,25 @@ def parse_params(raw: Any) -> Params:
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open() as file:  # an open file lets YAML errors name it
+            raw = yaml.safe_load(file)
     except FileNotFoundError:
         raise ParamsError(f"{path} not found (run from the repository root)") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
     return parse_params(raw)
+
+
+# Pydantic's wording where it reads like Python rather than like a config file.
+_WORDING = {
+    "too_short": "needs at least {min_length} item(s), got {actual_length}",
+    "too_long": "takes at most {max_length} item(s), got {actual_length}",
+    "tuple_type": "should be a list",
+    "model_type": "should be a mapping of keys",
+    "literal_error": "should be one of {expected}",
+    "int_type": "should be a whole number",
+    "finite_number": "should be a finite number",
+}
 
 
 def _explain(error: dict) -> str:
@@ -269,8 +285,15 @@ def _explain(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (allowed: {', '.join(_allowed_keys(error['loc'][:-1]))})"
     if error["type"] == "missing":
+        loc = _file_location(error["loc"])
+        if loc and isinstance(loc[-1], int):  # a too-short list, e.g. scale: [1.0]
+            return f"{'.'.join(map(str, loc[:-1]))}: item {loc[-1]} is missing"
         return f"{key}: required key is missing"
-    message = error["msg"].removeprefix("Value error, ")
+    template = _WORDING.get(error["type"])
+    message = (template.format(**(error.get("ctx") or {})) if template
+               else error["msg"].removeprefix("Value error, "))
+    if error["type"] == "value_error" and isinstance(error["input"], dict) and error["loc"]:
+        return f"{key}.{message}"  # a whole-section check names its own key: model.layers.3 ...
     return f"{key} = {error['input']!r}: {message}"
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from stages import tracking
 from stages.data import DataError, load_split, normalize, steps_per_epoch
-from stages.device import describe, resolve_device, resolve_precision
+from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.files import write_atomic, write_csv, write_json
 from stages.loop import evaluate, train_one_epoch
 from stages.model import build_model, count_parameters
@@ -91,6 +91,7 @@ def main() -> None:
     except (ParamsError, DataError, tracking.TrackingError) as err:
         sys.exit(f"train: error: {err}")
 
+    configure(device)
     torch.manual_seed(params.base.seed)
     generator = torch.Generator().manual_seed(params.base.seed)  # shuffling + augmentation
     model = build_model(params.model).to(device)

@@ -1,0 +1,103 @@
+"""The README's results table, generated from the DVC experiments (never typed by hand).
+
+    python -m benchmarks.results_table            # print the table
+    python -m benchmarks.results_table --readme   # also rewrite it in README.md
+
+Reads `dvc exp show --json`: for every experiment named after a preset (I0..I3,
+seed000..seed003) it takes the measured parameter count, final and best test accuracy,
+epochs, device and training time from the files the pipeline wrote, and sets them beside
+what the seed's README reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# What each seed's README claims: (parameters, test accuracy, where the figure comes from).
+REPORTED = {
+    "I0": (18_060, 0.980, "seed 004 changelog, I0"),
+    "I1": (20_978, 0.996, "seed 004 changelog, I1"),
+    "I2": (19_494, 0.996, "seed 004 changelog, I2"),
+    "I3": (14_500, 0.996, "seed 004 changelog, I3"),
+    "seed000": (16_034, 0.9941, "best epoch (15) of its log"),
+    "seed001": (7_776, 0.9944, "best epoch (10) of its log"),
+    "seed002": (13_034, 0.994, "\"above 99.4%\", no log"),
+    "seed003": (15_440, 0.9954, "best epoch (18) of its log"),
+}
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def experiments(show: list) -> dict[str, dict]:
+    """{experiment name: its params and metrics}, newest first wins for repeated names."""
+    found: dict[str, dict] = {}
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            data = node.get("data")
+            name = node.get("name")
+            if name and isinstance(data, dict) and data.get("metrics"):
+                found.setdefault(name, data)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(show)
+    return found
+
+
+def file_data(data: dict, section: str, path: str) -> dict:
+    return (data.get(section, {}).get(path) or {}).get("data") or {}
+
+
+def rows(found: dict[str, dict]) -> list[str]:
+    lines = ["| experiment | parameters (seed) | final test acc | best test acc (epoch) | "
+             "reported | final - reported | epochs | device | train time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for name, (params, accuracy, source) in REPORTED.items():
+        data = found.get(name)
+        if data is None:
+            lines.append(f"| {name} | ({params:,}) | not run | | {accuracy:.2%} | | | | |")
+            continue
+        train = file_data(data, "metrics", "reports/train_metrics.json")
+        final = file_data(data, "metrics", "reports/metrics.json").get("test_accuracy")
+        gap = (final - accuracy) * 100 if final is not None else None
+        lines.append(
+            f"| {name} | {train.get('params', 0):,} ({params:,}) | {_pct(final)} | "
+            f"{_pct(train.get('best_test_accuracy'))} ({train.get('best_epoch', '?')}) | "
+            f"{accuracy:.2%} ({source}) | "
+            f"{'' if gap is None else f'{gap:+.2f} pt'} | {train.get('epochs', '?')} | "
+            f"{train.get('device', '?')} | {train.get('train_seconds', 0):.0f} s |")
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
+    args = parser.parse_args()
+    show = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "-A"], check=True,
+                                     capture_output=True, text=True).stdout)
+    table = "\n".join(rows(experiments(show)))
+    print(table)
+    if args.readme:
+        readme = Path("README.md")
+        text = readme.read_text()
+        if BEGIN not in text or END not in text:
+            sys.exit(f"README.md has no {BEGIN} ... {END} block to fill")
+        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+        readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
+        print("README.md updated")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Training throughput: the seeds' way against this project's train stage, on one device.
+
+    python -m benchmarks.train_throughput [--device auto] [--steps 40] [--rounds 3]
+
+Both paths train seed 004's I1 (the default params.yaml model) with the same batch size,
+optimiser (SGD Nesterov + OneCycle) and augmentation (RandomAffine 10 deg, 5 %, 0.98-1.02):
+
+  seeds' way   torchvision MNIST + per-sample RandomAffine/ToTensor/Normalize in a
+               DataLoader with worker processes, NCHW fp32 (what the seed notebooks do)
+  project      stages.loop.train_one_epoch, exactly as the train stage calls it: data held
+               on the device, batched affine warps, channels_last, autocast per `precision`
+
+Paths run interleaved (A, B, A, B, ...) and the median is reported, because shared
+machines drift by 20 % between runs. The floor is the model's FLOPs per image (forward and
+backward, counted by torch's FlopCounterMode) over the device's measured matmul rate in
+the same dtype: the epoch time a perfectly efficient implementation would need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import datasets, transforms
+
+from stages.data import Split, load_split
+from stages.device import configure, describe, resolve_device, resolve_precision
+from stages.loop import train_one_epoch
+from stages.model import build_model
+from stages.params import load_params
+from stages.train import make_optimizer, make_scheduler
+
+EPOCH_IMAGES = 60_000
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@contextmanager
+def peak_memory(device: torch.device, result: dict):
+    """Peak RSS of this process and its workers (CPU), or max allocated (GPU), in MiB."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        return
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_with_children())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()
+        result["peak_mib"] = peak[0] / 2**20
+
+
+def _rss_with_children() -> int:
+    """RSS in bytes of this process and its direct children (DataLoader workers)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    pids = [os.getpid()]
+    try:
+        children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+        pids += [int(pid) for pid in children]
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        except OSError:
+            pass
+    return total
+
+
+def seeds_way(params, device: torch.device, steps: int, workers: int) -> dict:
+    """torchvision dataset + per-sample transforms + DataLoader, as the seed notebooks do."""
+    aug = params.train.augment
+    transform = transforms.Compose([
+        transforms.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate),
+                                scale=aug.scale),
+        transforms.ToTensor(),
+        transforms.Normalize((params.train.normalize.mean,), (params.train.normalize.std,)),
+    ])
+    dataset = datasets.MNIST("data", train=True, download=False, transform=transform)
+    loader = DataLoader(dataset, batch_size=params.train.batch_size, shuffle=True,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, drop_last=True)
+    torch.manual_seed(0)
+    model = build_model(params.model).to(device)
+    optimizer = make_optimizer(model, params.train)
+    scheduler = make_scheduler(optimizer, params.train, steps + 5)
+    model.train()
+    result: dict = {}
+    with peak_memory(device, result):
+        batches = iter(loader)
+        for step in range(steps + 3):  # 3 warm-up steps: workers start, caches fill
+            if step == 3:
+                sync(device)
+                started = time.perf_counter()
+            images, labels = next(batches)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss.item()  # the seeds' loop reads the loss every step for tqdm
+        sync(device)
+        seconds = time.perf_counter() - started
+    del batches, loader
+    result["images_per_second"] = steps * params.train.batch_size / seconds
+    return result
+
+
+def project_way(params, device: torch.device, train: Split, steps: int,
+                dtype: torch.dtype) -> dict:
+    """stages.loop.train_one_epoch on the first `steps` batches, as the train stage runs it."""
+    bs = params.train.batch_size
+    subset = Split(images=train.images[: (steps + 3) * bs], labels=train.labels[: (steps + 3) * bs])
+    torch.manual_seed(0)
+    model = build_model(params.model).to(device)
+    if params.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params.train)
+    scheduler = make_scheduler(optimizer, params.train, steps + 5)
+    generator = torch.Generator().manual_seed(0)
+    warmup = Split(images=subset.images[: 3 * bs], labels=subset.labels[: 3 * bs])
+    train_one_epoch(model, warmup, optimizer, scheduler, params.train, generator, dtype, 0)
+    timed = Split(images=subset.images[3 * bs:], labels=subset.labels[3 * bs:])
+    result: dict = {}
+    with peak_memory(device, result):
+        sync(device)
+        started = time.perf_counter()
+        train_one_epoch(model, timed, optimizer, scheduler, params.train, generator, dtype, 1)
+        sync(device)
+        seconds = time.perf_counter() - started
+    result["images_per_second"] = len(timed) / seconds
+    return result
+
+
+def flops_per_image(params, device: torch.device) -> float:
+    """Forward + backward FLOPs of one training image (convs and matmuls)."""
+    model = build_model(params.model).to(device)
+    images = torch.randn(8, 1, 28, 28, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(images).sum().backward()
+    return counter.get_total_flops() / len(images)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int = 2048) -> float:
+    """Measured FLOP/s of a large square matmul in `dtype`: the device's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps, started = 0, time.perf_counter()
+    while time.perf_counter() - started < 1.0:
+        a @ b
+        reps += 1
+    sync(device)
+    return 2 * size**3 * reps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--steps", type=int, default=40, help="timed training steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each path")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers for the seeds' way")
+    args = parser.parse_args()
+
+    params = load_params()
+    device = resolve_device(args.device)
+    configure(device)
+    auto_dtype = resolve_precision(params.train.precision, device)
+    train = load_split(train=True, device=device)
+    flops = flops_per_image(params, device)
+
+    # (label, params, autocast dtype): the default path, plus the levers one at a time.
+    variants = [("project (as the train stage runs)", params, auto_dtype)]
+    if auto_dtype != torch.float32:
+        variants.append(("project, fp32", params, torch.float32))
+    variants.append(("project, fp32, no channels_last",
+                     params.model_copy(update={"train": params.train.model_copy(
+                         update={"channels_last": False})}), torch.float32))
+
+    rows: dict[str, list[dict]] = {"seeds' way (DataLoader)": []}
+    rows.update({label: [] for label, _, _ in variants})
+    for round_ in range(args.rounds):
+        rows["seeds' way (DataLoader)"].append(seeds_way(params, device, args.steps, args.workers))
+        for label, variant, dtype in variants:
+            rows[label].append(project_way(variant, device, train, args.steps, dtype))
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+
+    ceilings = {dtype: matmul_ceiling(device, dtype) for dtype in {torch.float32, auto_dtype}}
+    dtypes = {"seeds' way (DataLoader)": torch.float32,
+              **{label: dtype for label, _, dtype in variants}}
+    baseline = statistics.median(r["images_per_second"] for r in rows["seeds' way (DataLoader)"])
+
+    print(f"\nDevice: {describe(device)}, torch {torch.__version__}, model I1 "
+          f"({sum(p.numel() for p in build_model(params.model).parameters()):,} parameters), "
+          f"batch {params.train.batch_size}, {args.steps} timed steps x {args.rounds} rounds "
+          f"(median), {flops / 1e6:.1f} MFLOP per image (fwd+bwd)")
+    print("| path | dtype | images/s | epoch s | vs seeds' way | floor epoch s | x floor | peak MiB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, results in rows.items():
+        ips = statistics.median(r["images_per_second"] for r in results)
+        peak = max(r["peak_mib"] for r in results)
+        dtype = dtypes[label]
+        floor = EPOCH_IMAGES * flops / ceilings[dtype]
+        epoch = EPOCH_IMAGES / ips
+        print(f"| {label} | {str(dtype).removeprefix('torch.')} | {ips:,.0f} | {epoch:.1f} | "
+              f"{ips / baseline:.2f}x | {floor:.2f} | {epoch / floor:.0f}x | {peak:,.0f} |")
+    for dtype, rate in ceilings.items():
+        print(f"matmul ceiling {str(dtype).removeprefix('torch.')}: {rate / 1e12:.2f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

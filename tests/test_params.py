@@ -1,0 +1,342 @@
+"""Tests for stages/params.py: every bad value is refused with a message that names the key,
+the value and what is allowed; every shipped recipe parses and has its documented size.
+
+The bad-value table starts from the repo's own params.yaml (fixture `default_params`) and
+changes one thing per row. Each row says which dotted key the message must lead with and
+which words (allowed names, bounds) it must contain, so a message that loses its key path,
+its value or its allowed values fails here, not in front of a user.
+
+Presets are composed from conf/ exactly as `dvc exp run -S preset=NAME` does (DVC's Hydra
+composition), so these tests also pin that conf/ and params.yaml agree.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from dvc.utils.hydra import compose_and_dump
+from hydra.errors import HydraException
+
+from stages.device import resolve_device
+from stages.model import build_model, count_parameters
+from stages.params import ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+PRESETS = sorted(path.stem for path in (CONF / "preset").glob("*.yaml"))
+
+DELETE = object()  # a table value that removes the key instead of setting it
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def compose(out: Path, overrides: list[str]) -> dict:
+    """params.yaml as `dvc exp run -S ...` would write it from conf/; returned as a dict."""
+    compose_and_dump(out, str(CONF), None, "config", ".", overrides)
+    return yaml.safe_load(out.read_text())
+
+
+def with_change(params: dict, dotted: str, value: Any) -> dict:
+    """A deep copy of `params` with `dotted` (e.g. `model.layers.3.kernel`) set to `value`
+    (or removed, for DELETE). Integer parts index lists."""
+    changed = copy.deepcopy(params)
+    *parents, last = [int(part) if part.isdigit() else part for part in dotted.split(".")]
+    node = changed
+    for part in parents:
+        node = node[part]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return changed
+
+
+def error_message(params: dict) -> str:
+    with pytest.raises(ParamsError) as caught:
+        parse_params(params)
+    return str(caught.value)
+
+
+# --- the table of bad values ---------------------------------------------------------------
+#
+# Three kinds of row, one helper each:
+#   bad(path, value, *allowed):        message starts `path = repr(value)` and names `allowed`
+#   unknown(path, value, *allowed):    message starts `path: unknown key` and lists `allowed`
+#   broken(path, value, key, *words):  a whole-architecture (or cross-field) check; the
+#                                      message starts with `key` and contains `words`
+
+
+def bad(path: str, value: Any, *allowed: str, id: str):
+    return pytest.param(path, value, f"{path} = {value!r}", allowed, id=id)
+
+
+def unknown(path: str, value: Any, *allowed: str, id: str, key: str | None = None):
+    return pytest.param(path, value, f"{key or path}: unknown key (allowed: ", allowed, id=id)
+
+
+def broken(path: str, value: Any, key: str, *words: str, id: str):
+    return pytest.param(path, value, key, words, id=id)
+
+
+LAYER_KINDS = ("{conv: C}", "{transition: C}", "{maxpool: K}", "{dropout: p}")
+
+BAD_VALUES = [
+    # unknown keys, at every level
+    unknown("hyperparams", {"lr": 0.1}, "base, data, evaluate, model, train",
+            id="top-level unknown section"),
+    unknown("base.sead", 1, "preset, seed", id="base: typo seed"),
+    unknown("data.mirror", ["https://example.com/"], "mirrors", id="data: typo mirrors"),
+    unknown("model.heads", "gap", "batchnorm, bias, head, layers, padding",
+            id="model: typo head"),
+    unknown("train.learning_rate", 0.1, "lr", "epochs", "optimizer", id="train: typo lr"),
+    unknown("train.augment.rotate", 10, "degrees", "translate",
+            id="train.augment: typo degrees"),
+    unknown("evaluate.batchsize", 512, "batch_size", id="evaluate: typo batch_size"),
+    unknown("model.layers.0", {"conv": 16, "kernal": 3}, "bn, conv, kernel, padding, relu",
+            key="model.layers.0.kernal", id="conv layer: typo kernel"),
+    unknown("model.layers.2", {"transition": 12, "kernel": 3}, "relu, transition",
+            key="model.layers.2.kernel", id="transition layer: no kernel option"),
+    # wrong types
+    bad("train.epochs", "ten", "whole number", id="string epochs"),
+    bad("train.lr", [0.1], "number", id="list lr"),
+    bad("base.seed", 1.5, "whole number", id="fractional seed"),
+    bad("train.nesterov", "maybe", "boolean", id="non-boolean nesterov"),
+    bad("model.layers", "conv", id="layers not a list"),
+    bad("model", None, id="model section null"),
+    # ranges
+    bad("train.lr", 0, "greater than 0", id="zero lr"),
+    bad("train.lr", -0.1, "greater than 0", id="negative lr"),
+    bad("model.layers.3.dropout", 1, "less than 1", id="dropout 1"),
+    bad("model.layers.3.dropout", 1.5, "less than 1", id="dropout 1.5"),
+    bad("model.layers", [], "at least 1", id="empty layer list"),
+    bad("model.layers.0.conv", 0, "greater than 0", id="zero conv channels"),
+    bad("model.layers.2.transition", -4, "greater than 0", id="negative transition channels"),
+    bad("model.layers.0.kernel", 0, "greater than 0", id="zero kernel"),
+    bad("model.layers.4.padding", -1, "greater than or equal to 0", id="negative conv padding"),
+    broken("model.layers.2", {"maxpool": 1}, "model.layers.2.maxpool = 1",
+           "greater than or equal to 2", id="maxpool by 1"),
+    bad("train.epochs", 0, "greater than 0", id="zero epochs"),
+    bad("train.batch_size", 0, "greater than 0", id="zero batch size"),
+    bad("evaluate.batch_size", -5, "greater than 0", id="negative eval batch size"),
+    bad("train.weight_decay", -1e-4, "greater than or equal to 0", id="negative weight decay"),
+    bad("train.momentum", 1.0, "less than 1", id="momentum 1"),
+    bad("train.betas.1", 1.0, "less than 1", id="adam beta2 of 1"),
+    bad("train.eps", 0, "greater than 0", id="zero adam eps"),
+    bad("train.grad_clip", -1.0, "greater than or equal to 0", id="negative grad clip"),
+    bad("train.limit_train", -1, "greater than or equal to 0", id="negative limit_train"),
+    bad("train.onecycle.pct_start", 1.0, "less than 1", id="onecycle pct_start 1"),
+    bad("train.step.gamma", 1.5, "less than or equal to 1", id="step gamma above 1"),
+    bad("train.plateau.patience", -1, "greater than or equal to 0", id="negative patience"),
+    bad("train.augment.degrees", 200, "less than or equal to 180", id="rotation above 180"),
+    bad("train.augment.scale", [1.1, 0.9], "low <= high", id="scale [1.1, 0.9]"),
+    bad("train.normalize.std", 0, "greater than 0", id="zero normalize std"),
+    bad("data.timeout_s", 0, "greater than 0", id="zero download timeout"),
+    bad("data.mirrors", ["ftp://example.com/mnist/"], "http(s)://", "file://",
+        id="ftp mirror URL"),
+    bad("base.seed", -1, "greater than or equal to 0", id="negative seed"),
+    # Literal fields: the message lists every allowed name
+    bad("train.optimizer", "rmsprop", "'sgd'", "'adam'", id="unknown optimizer"),
+    bad("train.scheduler", "cosine", "'onecycle'", "'step'", "'plateau'", "'none'",
+        id="unknown scheduler"),
+    bad("model.head", "mlp", "'fc'", "'gap'", id="unknown head"),
+    bad("train.device", "tpu", "'auto'", "'cpu'", "'cuda'", "'mps'", id="unknown device"),
+    bad("train.precision", "fp16", "'auto'", "'fp32'", "'bf16'", id="unknown precision"),
+    bad("model.padding", "full", "'same'", "'valid'", id="unknown padding"),
+    bad("train.augment.interpolation", "bicubic", "'bilinear'", "'nearest'",
+        id="unknown interpolation"),
+    # a layer must be exactly one kind
+    bad("model.layers.0", {"conv": 16, "maxpool": 2}, *LAYER_KINDS, id="layer of two kinds"),
+    bad("model.layers.0", {"kernel": 3}, *LAYER_KINDS, id="layer of no kind"),
+    bad("model.layers.0", 16, *LAYER_KINDS, id="layer that is a bare number"),
+    # missing required keys
+    broken("model.layers", DELETE, "model.layers: required key is missing", id="no layers key"),
+    # whole-architecture and cross-field checks
+    broken("model.layers.4", {"conv": 24, "kernel": 15, "padding": 0}, "model.layers.4",
+           "kernel 15", "14x14", "at most 14", id="kernel larger than its feature map"),
+    broken("model.layers", [{"conv": 8}, {"maxpool": 4}, {"maxpool": 4}, {"maxpool": 4}],
+           "model.layers.3", "maxpool: 4", "1x1 feature map", "below 1x1",
+           id="maxpools shrink below 1x1"),
+    broken("model.layers", [{"conv": 8}, {"maxpool": 4}, {"maxpool": 7}, {"transition": 8}],
+           "model.layers.3", "transition: 8", "pooling by 2", "below 1x1",
+           id="transition pools below 1x1"),
+    broken("model.layers", [{"dropout": 0.1}, {"maxpool": 2}], "model.layers",
+           "at least one conv or transition", id="no conv layer at all"),
+    broken("train.momentum", 0, "train.nesterov", "momentum > 0",
+           id="nesterov with momentum 0"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "starts_with", "words"), BAD_VALUES)
+def test_bad_value_is_explained(default_params, path, value, starts_with, words):
+    message = error_message(with_change(default_params, path, value))
+    assert message.startswith(starts_with), message
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
+    # One change, one problem, one line: no dump of a whole section, no pydantic prefixes.
+    assert "\n" not in message, message
+    assert "Value error" not in message and "validation error" not in message, message
+
+
+def test_bad_value_table_is_broad():
+    """At least 30 rows, and every section of params.yaml is exercised."""
+    assert len(BAD_VALUES) >= 30
+    sections = {param.values[0].split(".")[0] for param in BAD_VALUES}
+    assert {"base", "data", "model", "train", "evaluate"} <= sections
+
+
+def test_every_problem_is_reported_at_once(default_params):
+    params = with_change(default_params, "train.lr", 0)
+    params = with_change(params, "model.head", "mlp")
+    params = with_change(params, "evaluate.batch_sise", 1)
+    lines = error_message(params).splitlines()
+    assert len(lines) == 3, lines
+    assert any(line.startswith("train.lr = 0:") for line in lines)
+    assert any(line.startswith("model.head = 'mlp':") for line in lines)
+    assert any(line.startswith("evaluate.batch_sise: unknown key") for line in lines)
+
+
+@pytest.mark.parametrize("raw", [None, [], "model: x", 3], ids=["null", "list", "string", "int"])
+def test_params_that_are_not_a_mapping(raw):
+    with pytest.raises(ParamsError, match="params must be a mapping of sections, got"):
+        parse_params(raw)
+
+
+# --- the shipped recipes -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory) -> dict[str, dict]:
+    """Every conf/preset/*.yaml composed with conf/config.yaml, by name."""
+    out = tmp_path_factory.mktemp("presets")
+    return {name: compose(out / f"{name}.yaml", [f"preset={name}"]) for name in PRESETS}
+
+
+def test_presets_are_found():
+    assert PRESETS == ["I0", "I1", "I2", "I3", "seed000", "seed001", "seed002", "seed003"]
+
+
+def test_params_yaml_parses():
+    params = load_params(REPO / "params.yaml")
+    assert params.base.preset == "default"
+    assert params.model.head == "fc"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_parses(presets, name):
+    params = parse_params(presets[name])
+    assert params.base.preset == name
+
+
+def test_params_yaml_is_conf_composed_without_overrides(tmp_path):
+    """`dvc repro` reads params.yaml; `dvc exp run` regenerates it from conf/ first. They
+    must agree, byte for byte, or the two commands train different models."""
+    out = tmp_path / "params.yaml"
+    compose(out, [])
+    assert out.read_text() == (REPO / "params.yaml").read_text(), \
+        "params.yaml is stale: regenerate it with `make params`"
+
+
+def test_unknown_preset_names_the_choices(tmp_path):
+    with pytest.raises(HydraException) as caught:
+        compose(tmp_path / "params.yaml", ["preset=nope"])
+    message = str(caught.value)
+    assert "preset/nope" in message
+    for name in PRESETS:
+        assert f"\t{name}\n" in message or message.endswith(f"\t{name}"), message
+    assert not (tmp_path / "params.yaml").exists()
+
+
+# --- load_params on bad files --------------------------------------------------------------
+
+
+def test_load_params_missing_file(tmp_path):
+    path = tmp_path / "nowhere" / "params.yaml"
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(caught.value) == f"{path} not found (run from the repository root)"
+
+
+def test_load_params_invalid_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: [0.1\n  epochs: 3\n")
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not valid YAML:"), message
+    assert "line" in message  # PyYAML's position of the problem
+
+
+def test_load_params_empty_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    with pytest.raises(ParamsError, match="params must be a mapping of sections, got NoneType"):
+        load_params(path)
+
+
+# --- devices -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_unavailable_device_is_a_params_error(device):
+    present = torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available()
+    if present:
+        pytest.skip(f"{device} is present on this machine")
+    with pytest.raises(ParamsError) as caught:
+        resolve_device(device)
+    message = str(caught.value)
+    assert message.startswith(f"train.device = {device!r}: not available"), message
+    assert "available here: auto" in message and "cpu" in message
+
+
+def test_auto_and_cpu_devices_resolve():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cuda", "mps", "cpu"}
+
+
+# --- parameter counts ----------------------------------------------------------------------
+
+PRESET_PARAMS = {
+    "I0": 18_060, "I1": 20_978, "I2": 19_494, "I3": 14_500,
+    "seed000": 16_034, "seed001": 7_776, "seed002": 13_034, "seed003": 15_440,
+}
+
+
+def n_params(raw: dict) -> int:
+    return count_parameters(build_model(parse_params(raw).model))
+
+
+def test_default_parameter_count(default_params):
+    assert n_params(default_params) == 20_978
+
+
+@pytest.mark.parametrize("name", PRESET_PARAMS)
+def test_preset_parameter_count(presets, name):
+    assert n_params(presets[name]) == PRESET_PARAMS[name]
+
+
+def test_gap_head_parameter_count(default_params):
+    """The default backbone with a GAP head, counted by hand (bias and BatchNorm on,
+    `same` padding, so the maps go 28 -> 28 -> 14 -> 14 -> 7):
+
+        conv 1->16 3x3   16*9 + 16       =   160   BatchNorm(16)  32
+        conv 16->16 3x3  16*16*9 + 16    = 2,320   BatchNorm(16)  32
+        transition 16->12 (1x1)  16*12 + 12 = 204
+        conv 12->24 3x3  12*24*9 + 24    = 2,616   BatchNorm(24)  48
+        conv 24->24 3x3  24*24*9 + 24    = 5,208   BatchNorm(24)  48
+        transition 24->20 (1x1)  24*20 + 20 = 500
+        backbone                         = 11,168
+        fc head:  Linear(20*7*7 -> 10)   = 9,810  -> 20,978 (the default)
+        gap head: Conv 1x1 20 -> 10      =   210  -> 11,378
+    """
+    backbone = (16 * 9 + 16 + 32) + (16 * 16 * 9 + 16 + 32) + (16 * 12 + 12) \
+        + (12 * 24 * 9 + 24 + 48) + (24 * 24 * 9 + 24 + 48) + (24 * 20 + 20)
+    assert backbone == 11_168
+    assert backbone + 20 * 7 * 7 * 10 + 10 == 20_978
+    assert backbone + 20 * 10 + 10 == 11_378
+    assert n_params(with_change(default_params, "model.head", "gap")) == 11_378
