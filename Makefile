@@ -4,8 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 UI_PORT ?= 5000
+# dvc runs stage commands (`python -m stages.train`) through the shell: put the venv first.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast ui iterations seeds results bench params clean-venv
+ITERATIONS := I0 I1 I2 I3
+SEEDS := seed000 seed001 seed002 seed003
+
+.PHONY: setup repro test test-fast ui iterations seeds results bench plots params clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -25,9 +30,30 @@ test-fast: setup  ## skip the tests marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
 ui: setup  ## MLflow UI on this repo's store, local only
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments (open mnist-cnn > Training runs)"
+	@$(BIN)/python -c "from stages.tracking import ui_url; print('MLflow UI:', ui_url($(UI_PORT)))"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+# Queue one named experiment per preset and run the queue (one at a time: on a 2-core CPU
+# parallel runs only share the cores). -f replaces an experiment of the same name and
+# reruns it even when the run cache could skip it, so running this twice is safe.
+iterations: setup  ## seed 004's changelog, I0 to I3, as DVC experiments + MLflow runs
+	for preset in $(ITERATIONS); do dvc exp run --queue -f -n $$preset -S preset=$$preset; done
+	dvc exp run --run-all -j 1
+
+seeds: setup  ## seeds 000 to 003, as DVC experiments + MLflow runs
+	for preset in $(SEEDS); do dvc exp run --queue -f -n $$preset -S preset=$$preset; done
+	dvc exp run --run-all -j 1
+
+results: setup  ## rewrite the README's results table from `dvc exp show`
+	$(BIN)/python -m benchmarks.results_table --readme
+
+bench: setup  ## training throughput: the seeds' way vs this pipeline, and the hardware floor
+	$(BIN)/python -m benchmarks.train_throughput
+
+plots: setup  ## DVC plots as HTML that renders offline (vega inlined from the npm registry)
+	$(BIN)/python -m tools.offline_plots
+	dvc plots show
 
 params: setup  ## regenerate params.yaml from conf/ (dvc exp run does this itself)
 	$(BIN)/python -c "from pathlib import Path; from dvc.utils.hydra import compose_and_dump; \

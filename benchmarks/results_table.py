@@ -1,7 +1,7 @@
 """The README's results table, generated from the DVC experiments (never typed by hand).
 
     python -m benchmarks.results_table            # print the table
-    python -m benchmarks.results_table --readme   # also rewrite it in README.md
+    python -m benchmarks.results_table --readme   # also rewrite it (and the default run) in README.md
 
 Reads `dvc exp show --json`: for every experiment named after a preset (I0..I3,
 seed000..seed003) it takes the measured parameter count, final and best test accuracy,
@@ -29,7 +29,6 @@ REPORTED = {
     "seed002": (13_034, 0.994, "\"above 99.4%\", no log"),
     "seed003": (15_440, 0.9954, "best epoch (18) of its log"),
 }
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def experiments(show: list) -> dict[str, dict]:
@@ -77,6 +76,29 @@ def rows(found: dict[str, dict]) -> list[str]:
     return lines
 
 
+def default_run() -> list[str]:
+    """The workspace's own run (what `make repro` on params.yaml produced)."""
+    train = json.loads(Path("reports/train_metrics.json").read_text())
+    final = json.loads(Path("reports/metrics.json").read_text())
+    preset = json.loads(Path("reports/model_report.json").read_text())["preset"]
+    return [
+        f"Default run (`make repro`, params.yaml = preset {preset}): final test accuracy "
+        f"**{final['test_accuracy']:.2%}** ({final['test_errors']} errors of 10,000), best "
+        f"{train['best_test_accuracy']:.2%} at epoch {train['best_epoch']} of "
+        f"{train['epochs']}; {train['params']:,} parameters; training loop "
+        f"{train['train_seconds']:.0f} s ({train['images_per_second']:,} images/s) on "
+        f"{train['device']}.",
+    ]
+
+
+def fill(text: str, block: str, lines: list[str]) -> str:
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+    if begin not in text or end not in text:
+        sys.exit(f"README.md has no {begin} ... {end} block to fill")
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    return pattern.sub(lambda _: "\n".join([begin, *lines, end]), text)
+
+
 def _pct(value: float | None) -> str:
     return "?" if value is None else f"{value:.2%}"
 
@@ -87,15 +109,13 @@ def main() -> None:
     args = parser.parse_args()
     show = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "-A"], check=True,
                                      capture_output=True, text=True).stdout)
-    table = "\n".join(rows(experiments(show)))
-    print(table)
+    table = rows(experiments(show))
+    default = default_run()
+    print("\n".join(default + [""] + table))
     if args.readme:
         readme = Path("README.md")
-        text = readme.read_text()
-        if BEGIN not in text or END not in text:
-            sys.exit(f"README.md has no {BEGIN} ... {END} block to fill")
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
+        text = fill(fill(readme.read_text(), "results", table), "default", default)
+        readme.write_text(text)
         print("README.md updated")
 
 

@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each path")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers for the seeds' way")
+    parser.add_argument("--readme", action="store_true",
+                        help="also write the table into README.md's Performance section")
     args = parser.parse_args()
 
     params = load_params()
@@ -220,22 +222,36 @@ def main() -> None:
               **{label: dtype for label, _, dtype in variants}}
     baseline = statistics.median(r["images_per_second"] for r in rows["seeds' way (DataLoader)"])
 
-    print(f"\nDevice: {describe(device)}, torch {torch.__version__}, model I1 "
-          f"({sum(p.numel() for p in build_model(params.model).parameters()):,} parameters), "
-          f"batch {params.train.batch_size}, {args.steps} timed steps x {args.rounds} rounds "
-          f"(median), {flops / 1e6:.1f} MFLOP per image (fwd+bwd)")
-    print("| path | dtype | images/s | epoch s | vs seeds' way | floor epoch s | x floor | peak MiB |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [
+        f"Device: {describe(device)}, torch {torch.__version__}; model I1 "
+        f"({sum(p.numel() for p in build_model(params.model).parameters()):,} parameters, "
+        f"{flops / 1e6:.1f} MFLOP per image forward + backward); batch "
+        f"{params.train.batch_size}; {args.steps} timed steps x {args.rounds} interleaved "
+        f"rounds (median); `python -m benchmarks.train_throughput --device {args.device} "
+        f"--steps {args.steps} --rounds {args.rounds}`",
+        "",
+        "| path | dtype | images/s | epoch s | vs seeds' way | floor epoch s | x floor | peak MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for label, results in rows.items():
         ips = statistics.median(r["images_per_second"] for r in results)
         peak = max(r["peak_mib"] for r in results)
         dtype = dtypes[label]
         floor = EPOCH_IMAGES * flops / ceilings[dtype]
         epoch = EPOCH_IMAGES / ips
-        print(f"| {label} | {str(dtype).removeprefix('torch.')} | {ips:,.0f} | {epoch:.1f} | "
-              f"{ips / baseline:.2f}x | {floor:.2f} | {epoch / floor:.0f}x | {peak:,.0f} |")
-    for dtype, rate in ceilings.items():
-        print(f"matmul ceiling {str(dtype).removeprefix('torch.')}: {rate / 1e12:.2f} TFLOP/s")
+        lines.append(f"| {label} | {str(dtype).removeprefix('torch.')} | {ips:,.0f} | "
+                     f"{epoch:.1f} | {ips / baseline:.2f}x | {floor:.2f} | {epoch / floor:.0f}x | "
+                     f"{peak:,.0f} |")
+    lines.append("")
+    lines += [f"Matmul ceiling ({2048}x{2048}, {str(dtype).removeprefix('torch.')}): "
+              f"{rate / 1e12:.3f} TFLOP/s." for dtype, rate in ceilings.items()]
+    print("\n" + "\n".join(lines))
+    if args.readme:
+        from benchmarks.results_table import fill
+
+        readme = Path("README.md")
+        readme.write_text(fill(readme.read_text(), f"bench-{device.type}", lines))
+        print("README.md updated")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -40,6 +41,20 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+# `scheme://user:password@host` or `scheme://token@host`: the part before `@` is a secret.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]+)@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URI in it hidden, for printing and error messages:
+    http://user:secret@host -> http://user:***@host, http://token@host -> http://***@host."""
+    def hide(match: re.Match[str]) -> str:
+        user, colon, _ = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user + ':' if colon else ''}***@"
+
+    return _USERINFO.sub(hide, text)
+
+
 def connect() -> str:
     """Point MLflow at the store and return the experiment id, failing fast when unreachable.
 
@@ -62,8 +77,8 @@ def connect() -> str:
             return mlflow.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot track"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrackingError(f"MLflow tracking store {uri} is unreachable or unusable: "
-                            f"{first_line}") from None
+        raise TrackingError(redact(f"MLflow tracking store {uri} is unreachable or unusable: "
+                                   f"{first_line}")) from None
     finally:
         for key, value in saved.items():
             if value is None:
@@ -137,7 +152,38 @@ def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block has run, then stop as they asked.
+
+    For the few writes that make an epoch "saved" (checkpoint, MLflow metrics, curves): a
+    stop between them would leave them disagreeing, e.g. MLflow holding an epoch the
+    checkpoint does not, which a resumed run would then log twice.
+    """
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(received[0]).name}")
+
+
 def new_run(experiment_id: str, tags: Mapping[str, str]) -> str:
     """Create a run (not yet active) and return its id."""
     run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name(), tags=dict(tags))
     return run.info.run_id
+
+
+def ui_url(port: int) -> str:
+    """Where `make ui` shows this project's runs. The experiment's plain page opens MLflow's
+    GenAI overview; its /runs page is the table of training runs."""
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is None:
+        return f"http://127.0.0.1:{port}/  (no runs yet: `make repro` first)"
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs"

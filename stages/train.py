@@ -120,7 +120,7 @@ def main() -> None:
     device_name = describe(device)
     print(f"train: {count_parameters(model):,} parameters on {device_name}, "
           f"{str(dtype).removeprefix('torch.')}, {len(train_data):,} training images, "
-          f"MLflow run {run_id} at {tracking.tracking_uri()}")
+          f"MLflow run {run_id} at {tracking.redact(tracking.tracking_uri())}")
 
     with tracking.run_status(run_id):
         if not resumed:
@@ -140,17 +140,23 @@ def main() -> None:
             metrics = {"epoch": epoch, **metrics, "test_loss": result.loss,
                        "test_accuracy": result.accuracy, "lr": lr,
                        "epoch_seconds": time.perf_counter() - started}
-            history.append(metrics)
-            # Every sink gets the same dict: MLflow, the DVC plots file, the log line.
-            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            write_csv(CURVES_FILE, METRIC_NAMES, history)
-            print("train: " + "  ".join(_format(k, v) for k, v in metrics.items()), flush=True)
-            write_atomic(CHECKPOINT_FILE, lambda f: torch.save({
-                "recipe": recipe(params), "history": history, "mlflow_run_id": run_id,
-                "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                "scheduler_state": scheduler.state_dict() if scheduler else None,
-                "torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state(),
-            }, f))
+            # Saving an epoch is all or nothing: a stop signal waits for the end of the block.
+            # The checkpoint comes first (resume trusts it), the log line last (once it is
+            # printed, the epoch is on disk and in MLflow).
+            with tracking.signals_deferred():
+                history.append(metrics)
+                write_atomic(CHECKPOINT_FILE, lambda f: torch.save({
+                    "recipe": recipe(params), "history": history, "mlflow_run_id": run_id,
+                    "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
+                    "scheduler_state": scheduler.state_dict() if scheduler else None,
+                    "torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state(),
+                }, f))
+                # Every sink gets the same dict: MLflow, the DVC plots file, the log line.
+                mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
+                                   step=epoch)
+                write_csv(CURVES_FILE, METRIC_NAMES, history)
+                print("train: " + "  ".join(_format(k, v) for k, v in metrics.items()),
+                      flush=True)
         train_seconds = time.perf_counter() - train_start
 
         save_model(model, params, run_id)
@@ -212,4 +218,10 @@ def _format(key: str, value: float) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as err:
+        # Ctrl-C or SIGTERM: tracking.run_status has marked the MLflow run KILLED, and every
+        # finished epoch is in the checkpoint. One line instead of a traceback.
+        sys.exit(f"train: {err or 'interrupted'}; finished epochs are kept in {CHECKPOINT_FILE} "
+                 f"(`train.resume: true` continues from the last one)")

@@ -50,3 +50,38 @@ def tiny_mnist(tmp_path_factory) -> Path:
 def default_params() -> dict:
     """The repo's params.yaml as a plain dict, for tests to modify."""
     return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+# --- the reliability tally -----------------------------------------------------------------
+#
+# Tests carrying one of these markers (pytest.ini) are counted when they pass; the summary
+# prints one line, e.g. "reliability: 59 bad inputs refused, 14 faults injected, 4 runs
+# interrupted; nothing lost". Parametrized cases count one each.
+
+RELIABILITY = {  # marker -> (singular, plural)
+    "bad_input": ("bad input refused", "bad inputs refused"),
+    "fault": ("fault injected", "faults injected"),
+    "interruption": ("run interrupted", "runs interrupted"),
+}
+_RELIABILITY_MARKS = pytest.StashKey[dict]()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    config.stash[_RELIABILITY_MARKS] = {
+        item.nodeid: {name for name in RELIABILITY if item.get_closest_marker(name)}
+        for item in items}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    marks = config.stash.get(_RELIABILITY_MARKS, {})
+    stats = terminalreporter.stats
+    passed = {r.nodeid for r in stats.get("passed", []) if r.when == "call"}
+    failed = {r.nodeid for key in ("failed", "error") for r in stats.get(key, [])
+              if getattr(r, "nodeid", None) and marks.get(r.nodeid)}
+    counts = {name: sum(1 for nodeid in passed - failed if name in marks.get(nodeid, ()))
+              for name in RELIABILITY}
+    if not any(counts.values()) and not failed:
+        return
+    tally = ", ".join(f"{n} {RELIABILITY[name][n != 1]}" for name, n in counts.items())
+    outcome = "nothing lost" if not failed else f"{len(failed)} failed"
+    terminalreporter.write_line(f"reliability: {tally}; {outcome}")

@@ -1,0 +1,370 @@
+"""Interrupted, faulty and parallel runs: the stages as real processes, on tiny synthetic data.
+
+* a SIGTERM or Ctrl-C mid-training ends the MLflow run KILLED and keeps the last finished
+  epoch's checkpoint, and no final model and no temp file;
+* such a run, resumed, ends with exactly the weights of a run that was never interrupted,
+  in the same single MLflow run;
+* an unreachable tracking server stops training before it starts, in one line, without
+  printing the credentials in its URI;
+* bad params are refused before any stage writes anything;
+* four queued DVC experiments run two at a time into one sqlite store, all finished and
+  complete.
+
+Each test builds its own project: the repo's stages/ and params.yaml (made tiny) beside a
+synthetic MNIST (tests/conftest.py), so nothing here needs the real data or the network.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from conftest import REPO, synthetic_digits, write_idx
+
+pytestmark = pytest.mark.slow
+
+PYTHON = Path(sys.executable)
+BIN = PYTHON.parent
+STARTUP_TIMEOUT_S = 240  # imports + the first epoch, on a loaded 2-core machine
+
+
+# --- a tiny project, and the stages run in it ------------------------------------------------
+
+
+def make_project(dest: Path, n_train: int = 512, n_test: int = 128, **train) -> Path:
+    """stages/ and params.yaml from the repo, a synthetic MNIST, and tiny CPU training params
+    (any `train` keyword overrides one of them, even with a value the stage must refuse)."""
+    shutil.copytree(REPO / "stages", dest / "stages",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(mirrors=[], pypi_fallback=False, timeout_s=1)
+    params["train"].update(device="cpu", precision="fp32", batch_size=64, lr=0.05, epochs=3,
+                           limit_train=0, limit_test=0, resume=False)
+    params["train"].update(train)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    raw = dest / "data" / "MNIST" / "raw"
+    write_idx(raw, "train", *synthetic_digits(n_train, seed=0))
+    write_idx(raw, "t10k", *synthetic_digits(n_test, seed=1))
+    return dest
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """This environment without MLflow/DVC settings (the stage uses the project's own store)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_")) and k != "PYTHONPATH"}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_stage(project: Path, stage: str, timeout: float = 300,
+              **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYTHON), "-m", f"stages.{stage}"], cwd=project,
+                          env=stage_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+class Training:
+    """`python -m stages.train` in the background, its stdout read line by line."""
+
+    def __init__(self, project: Path, log_dir: Path) -> None:
+        # stderr goes to a file: an unread pipe could fill up and stall the stage.
+        self.stderr_path = log_dir / f"stderr-{project.name}-{time.monotonic_ns()}.log"
+        self._stderr = self.stderr_path.open("w")
+        self.proc = subprocess.Popen([str(PYTHON), "-m", "stages.train"], cwd=project,
+                                     env=stage_env(), stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True, bufsize=1)
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, prefix: str, timeout: float = STARTUP_TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"train ended before printing {prefix!r}:\n{self.output()}")
+            if line.startswith(prefix):
+                return line
+        self.proc.kill()
+        pytest.fail(f"no line starting {prefix!r} within {timeout} s:\n{self.output()}")
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"train did not stop within {timeout} s:\n{self.output()}")
+        self._reader.join(timeout=10)
+        self._stderr.close()
+        return code
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def output(self) -> str:
+        return f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+
+
+def interrupt_after_epoch_1(project: Path, log_dir: Path, sig: int = signal.SIGTERM) -> Training:
+    """Start training, stop it with `sig` as soon as it reports epoch 1, wait for it to end."""
+    training = Training(project, log_dir)
+    training.wait_for("train: epoch 1 ")
+    training.proc.send_signal(sig)
+    code = training.finish()
+    assert code != 0, training.output()
+    return training
+
+
+# --- what a project holds afterwards ---------------------------------------------------------
+
+
+def client(project: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def mlflow_runs(project: Path) -> list:
+    store = client(project)
+    experiment = store.get_experiment_by_name("mnist-cnn")
+    assert experiment is not None, f"no MLflow experiment in {project / 'mlflow.db'}"
+    return store.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def steps(project: Path, run_id: str, metric: str = "test_accuracy") -> list[int]:
+    return sorted(m.step for m in client(project).get_metric_history(run_id, metric))
+
+
+def curves(project: Path) -> list[dict[str, str]]:
+    with (project / "reports" / "training_curves.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+def temp_files(project: Path) -> list[Path]:
+    """What files.write_atomic leaves behind if a write is cut short."""
+    return [path for folder in ("models", "reports") for path in (project / folder).rglob(".*.tmp")]
+
+
+def free_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# --- 1. a stop signal mid-training -----------------------------------------------------------
+
+
+@pytest.mark.interruption
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_marks_run_killed_and_keeps_last_epoch(tmp_path, sig):
+    project = make_project(tmp_path / "project", epochs=5)
+    training = interrupt_after_epoch_1(project, tmp_path, sig)
+
+    (run,) = mlflow_runs(project)
+    assert run.info.status == "KILLED", run.info.status
+    assert steps(project, run.info.run_id) == [1]
+    # One line says what happened and what is kept; no traceback.
+    assert "Traceback" not in training.stderr, training.output()
+    last = training.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: ") and "models/checkpoint.pt" in last, last
+    if sig == signal.SIGTERM:
+        assert "SIGTERM" in last, last
+    # The final model exists only after a complete run; the checkpoint holds epoch 1.
+    assert not (project / "models" / "model.pt").exists()
+    assert not (project / "reports" / "train_metrics.json").exists()
+    checkpoint = torch.load(project / "models" / "checkpoint.pt", weights_only=True)
+    assert [m["epoch"] for m in checkpoint["history"]] == [1]
+    assert checkpoint["mlflow_run_id"] == run.info.run_id
+    assert checkpoint["model_state"] and checkpoint["optimizer_state"]["state"]
+    assert [row["epoch"] for row in curves(project)] == ["1"]
+    assert "train: epoch 2 " not in training.stdout
+    assert temp_files(project) == []
+
+
+# --- 2. resume after a stop ------------------------------------------------------------------
+
+
+@pytest.mark.interruption
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    straight = make_project(tmp_path / "straight", epochs=3, resume=False)
+    result = run_stage(straight, "train")
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = torch.load(straight / "models" / "model.pt", weights_only=True)["state_dict"]
+
+    resumed = make_project(tmp_path / "resumed", epochs=3, resume=True)
+    interrupt_after_epoch_1(resumed, tmp_path)
+    assert not (resumed / "models" / "model.pt").exists()
+    saved = len(torch.load(resumed / "models" / "checkpoint.pt", weights_only=True)["history"])
+    assert saved == 1
+    result = run_stage(resumed, "train")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"train: resuming after epoch {saved} " in result.stdout, result.stdout
+
+    state = torch.load(resumed / "models" / "model.pt", weights_only=True)["state_dict"]
+    assert state.keys() == expected.keys()
+    differing = [name for name in expected if not torch.equal(state[name], expected[name])]
+    assert differing == [], f"resumed weights differ from the uninterrupted run's: {differing}"
+
+    rows = curves(resumed)
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    timeless = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in rows]
+    assert timeless == [{k: v for k, v in row.items() if k != "epoch_seconds"}
+                        for row in curves(straight)]
+    # One MLflow run, reopened: every epoch logged once, ended FINISHED.
+    (run,) = mlflow_runs(resumed)
+    assert run.info.status == "FINISHED"
+    for metric in ("test_accuracy", "train_loss", "lr"):
+        assert steps(resumed, run.info.run_id, metric) == [1, 2, 3], metric
+    assert temp_files(resumed) == []
+
+
+# --- 3. the tracking server is unreachable ---------------------------------------------------
+
+
+def unreachable_run(tmp_path: Path, uri: str) -> tuple[Path, subprocess.CompletedProcess, float]:
+    project = make_project(tmp_path / "project")
+    started = time.monotonic()
+    result = run_stage(project, "train", timeout=120, MLFLOW_TRACKING_URI=uri)
+    return project, result, time.monotonic() - started
+
+
+@pytest.mark.fault
+def test_unreachable_tracking_server_stops_before_training(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    project, result, seconds = unreachable_run(tmp_path, uri)
+
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert seconds < 20, f"took {seconds:.1f} s to give up"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"train: error: MLflow tracking store {uri} is unreachable"), \
+        lines[0]
+    # Training never started: no model, no checkpoint, no curves, no local store.
+    assert not (project / "models").exists() and not (project / "reports").exists()
+    assert not (project / "mlflow.db").exists() and not (project / "mlruns").exists()
+
+
+@pytest.mark.fault
+def test_tracking_uri_credentials_are_never_printed(tmp_path):
+    port = free_port()
+    _, result, _ = unreachable_run(tmp_path, f"http://user:secret@127.0.0.1:{port}")
+
+    assert result.returncode != 0
+    assert "secret" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert f"http://user:***@127.0.0.1:{port} is unreachable" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("http://user:secret@host:5000/x", "http://user:***@host:5000/x"),
+    ("https://token@mlflow.example.com", "https://***@mlflow.example.com"),
+    ("store http://a:b@h1 and https://c:d@h2/p?q=1", "store http://a:***@h1 and https://c:***@h2/p?q=1"),
+    ("sqlite:////tmp/p/mlflow.db", "sqlite:////tmp/p/mlflow.db"),
+    ("http://127.0.0.1:5000/path?mail=a@b.c", "http://127.0.0.1:5000/path?mail=a@b.c"),
+    ("databricks", "databricks"),
+], ids=["user and password", "token", "two URIs in a message", "sqlite", "@ in the query",
+        "not a URI"])
+def test_redact_hides_uri_credentials(text, shown):
+    from stages.tracking import redact
+
+    assert redact(text) == shown
+
+
+# --- 4. bad params: refused before any work --------------------------------------------------
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("stage", ["train", "evaluate", "download"])
+def test_bad_params_are_refused_before_any_work(tmp_path, stage):
+    project = make_project(tmp_path / "project", lr=-1)
+    data_before = sorted(p.name for p in (project / "data" / "MNIST" / "raw").iterdir())
+
+    result = run_stage(project, stage, timeout=120)
+
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "train.lr = -1" in lines[0], lines[0]
+    for name in ("models", "reports", "mlflow.db", "mlruns"):
+        assert not (project / name).exists(), f"{stage} wrote {name}"
+    assert sorted(p.name for p in (project / "data" / "MNIST" / "raw").iterdir()) == data_before
+
+
+# --- 5. queued experiments, two at a time, one store -----------------------------------------
+
+
+@pytest.mark.fault
+def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
+    from test_pipeline import run, tiny_project
+
+    project = tiny_project(tmp_path)
+    dvc = str(BIN / "dvc")
+    names = {"p1": 0.01, "p2": 0.02, "p3": 0.05, "p4": 0.1}
+    outputs = []
+    for name, lr in names.items():
+        outputs.append(run([dvc, "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}",
+                            "-S", "train.epochs=2", "-S", "train.limit_train=512"], project))
+    started = time.monotonic()
+    # Blocks until the queue is empty (`dvc queue start` would return at once).
+    outputs.append(run([dvc, "exp", "run", "--run-all", "-j", "2"], project, timeout=900))
+    seconds = time.monotonic() - started
+    outputs.append(run([dvc, "queue", "status"], project))
+    print(f"4 queued experiments, 2 at a time: {seconds:.0f} s")
+
+    text = "".join(o.stdout + o.stderr for o in outputs)
+    # Every worker's own log too (DVC keeps them under .dvc/tmp).
+    for path in (project / ".dvc" / "tmp").rglob("*"):
+        if path.is_file() and path.stat().st_size < 10_000_000:
+            text += path.read_text(errors="replace")
+    assert "database is locked" not in text.lower()
+    status = outputs[-1].stdout
+    assert status.count("Success") == 4, status
+
+    runs = mlflow_runs(project)
+    assert sorted(r.info.run_name for r in runs) == sorted(names), [r.info.run_name for r in runs]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    mlruns = project / "mlruns"
+    images = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
+    for run_ in runs:
+        name, run_id = run_.info.run_name, run_.info.run_id
+        assert run_.info.status == "FINISHED", name
+        assert run_.data.params["train.lr"] == str(names[name])
+        assert steps(project, run_id) == [1, 2], name
+        assert "final_test_accuracy" in run_.data.metrics, name  # evaluate reached the run
+        # The artifacts are files in the project's mlruns/, not in DVC's temporary copy.
+        artifacts = Path(run_.info.artifact_uri.removeprefix("file://"))
+        assert artifacts.is_relative_to(mlruns), artifacts
+        assert (artifacts / "reports" / "metrics.json").is_file(), name
+        logged = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        assert np.asarray(logged.predict(images)).shape == (3, 10)
+        model_dir = Path(mlflow.models.get_model_info(f"runs:/{run_id}/model")
+                         .artifact_path.removeprefix("file://"))
+        assert model_dir.is_relative_to(mlruns) and (model_dir / "MLmodel").is_file(), model_dir
