@@ -49,7 +49,7 @@ results: setup  ## rewrite the README's results table from `dvc exp show`
 	$(BIN)/python -m benchmarks.results_table --readme
 
 bench: setup  ## training throughput: the seeds' way vs this pipeline, and the hardware floor
-	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.train_throughput $(BENCH_ARGS)
 
 plots: setup  ## DVC plots as HTML that renders offline (vega inlined from the npm registry)
 	$(BIN)/python -m tools.offline_plots

@@ -149,7 +149,7 @@ def main() -> None:
         mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
         sys.exit(f"evaluate: error: MLflow run {run_id} of {MODEL_FILE} is not in "
-                 f"{tracking.tracking_uri()}; rerun `dvc repro train`")
+                 f"{tracking.redact(tracking.tracking_uri())}; rerun `dvc repro train`")
     except (ParamsError, DataError, ModelFileError, tracking.TrackingError) as err:
         sys.exit(f"evaluate: error: {err}")
 

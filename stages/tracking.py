@@ -12,11 +12,13 @@ explicit artifact location there. MLFLOW_TRACKING_URI, when set, wins.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,8 @@ def connect() -> str:
     saved = {key: os.environ.get(key) for key in probe_env}
     os.environ.update(probe_env)
     try:
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+        with _store_lock(uri):  # the first call creates a new store's tables
+            experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
         if experiment is not None:
             return experiment.experiment_id
         artifacts = (project_root() / "mlruns").as_uri()
@@ -85,6 +88,28 @@ def connect() -> str:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """One process at a time for a sqlite store's first use.
+
+    MLflow creates and migrates the tables of a new mlflow.db on first use; two processes
+    doing that at once (`dvc exp run --run-all -j 2` on a fresh repo) both fail, with "table
+    alembic_version already exists" or the like. The lock file lives in the temp folder,
+    keyed by the database's path, so it adds nothing to the repo.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    if fcntl is None or not uri.startswith("sqlite:///"):
+        yield
+        return
+    key = hashlib.sha256(uri.removeprefix("sqlite:///").encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"mlflow-store-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def run_name() -> str | None:

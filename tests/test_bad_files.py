@@ -67,12 +67,14 @@ def test_real_checkpoint_loads(checkpoint):
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.bad_input
 def test_missing_checkpoint(tmp_path):
     path = tmp_path / "models" / "model.pt"
     message = assert_model_file_error(path, "not found", "dvc repro train")
     assert message == f"{path} not found; run `dvc repro train`"
 
 
+@pytest.mark.bad_input
 def test_garbage_checkpoint(tmp_path):
     path = tmp_path / "models" / "model.pt"
     path.parent.mkdir()
@@ -80,12 +82,14 @@ def test_garbage_checkpoint(tmp_path):
     assert_model_file_error(path, "not a readable model checkpoint", "dvc repro train")
 
 
+@pytest.mark.bad_input
 def test_text_file_as_checkpoint(tmp_path):
     path = tmp_path / "model.pt"
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9000\n")
     assert_model_file_error(path, "not a readable model checkpoint")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("fraction", [0.5, 0.1, 0.99], ids=["half", "tenth", "last byte cut"])
 def test_truncated_checkpoint(checkpoint, fraction):
     data = checkpoint.read_bytes()
@@ -93,11 +97,13 @@ def test_truncated_checkpoint(checkpoint, fraction):
     assert_model_file_error(checkpoint, "not a readable model checkpoint", "dvc repro train")
 
 
+@pytest.mark.bad_input
 def test_empty_checkpoint(checkpoint):
     checkpoint.write_bytes(b"")
     assert_model_file_error(checkpoint, "not a readable model checkpoint")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("key", ["params", "state_dict", "mlflow_run_id"])
 def test_checkpoint_missing_a_key(checkpoint, key):
     contents = torch.load(checkpoint, weights_only=True)
@@ -118,6 +124,7 @@ FOREIGN_CONTENTS: dict[str, Callable[[dict], object]] = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # indexing a tensor by "params"
 @pytest.mark.parametrize("make", FOREIGN_CONTENTS.values(), ids=FOREIGN_CONTENTS.keys())
 def test_foreign_checkpoint_contents(checkpoint, make):
@@ -126,6 +133,7 @@ def test_foreign_checkpoint_contents(checkpoint, make):
     assert_model_file_error(checkpoint, "not a readable model checkpoint", "dvc repro train")
 
 
+@pytest.mark.bad_input
 def test_invalid_params_in_checkpoint_are_explained(checkpoint):
     contents = torch.load(checkpoint, weights_only=True)
     contents["params"]["train"]["lr"] = -1
@@ -133,6 +141,7 @@ def test_invalid_params_in_checkpoint_are_explained(checkpoint):
     assert_model_file_error(checkpoint, "ParamsError", "train.lr = -1")
 
 
+@pytest.mark.bad_input
 def test_checkpoint_is_a_directory(tmp_path):
     assert_model_file_error(tmp_path, "not a readable model checkpoint")
 
@@ -187,10 +196,12 @@ def test_valid_files_load(data_root):
     assert 0.0 <= train.images.min() and train.images.max() <= 1.0
 
 
+@pytest.mark.bad_input
 def test_missing_data_directory(tmp_path):
     assert_data_error(tmp_path / "nowhere", "missing", "run `dvc repro download`")
 
 
+@pytest.mark.bad_input
 def test_missing_one_file(data_root):
     (data_root / "MNIST" / "raw" / "train-labels-idx1-ubyte").unlink()
     assert_data_error(data_root, "missing", "run `dvc repro download`")
@@ -215,12 +226,14 @@ BAD_IDX = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("name", "contents"), BAD_IDX.values(), ids=BAD_IDX.keys())
 def test_malformed_idx_file(data_root, name, contents):
     (data_root / "MNIST" / "raw" / name).write_bytes(contents)
     assert_data_error(data_root, name, "run `dvc repro download`")
 
 
+@pytest.mark.bad_input
 def test_malformed_test_split(data_root):
     (data_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(
         images_file(N_TEST, declared=N_TEST * 2))
@@ -239,12 +252,14 @@ READER_CRASHERS = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("name", "contents"), READER_CRASHERS.values(), ids=READER_CRASHERS.keys())
 def test_idx_file_that_crashes_the_reader(data_root, name, contents):
     (data_root / "MNIST" / "raw" / name).write_bytes(contents)
     assert_data_error(data_root, name, "run `dvc repro download`")
 
 
+@pytest.mark.bad_input
 def test_images_and_labels_disagree(data_root):
     (data_root / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(
         labels_file(N_TRAIN - 1))
@@ -252,6 +267,7 @@ def test_images_and_labels_disagree(data_root):
     assert f"holds {N_TRAIN} images but" in message and f"holds {N_TRAIN - 1} labels" in message
 
 
+@pytest.mark.bad_input
 def test_label_out_of_range(data_root):
     (data_root / "MNIST" / "raw" / "train-labels-idx1-ubyte").write_bytes(
         labels_file(N_TRAIN, labels=np.full(N_TRAIN, 12)))

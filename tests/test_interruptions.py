@@ -322,6 +322,26 @@ def test_bad_params_are_refused_before_any_work(tmp_path, stage):
 
 
 @pytest.mark.fault
+def test_stages_starting_together_on_a_fresh_store_all_connect(tmp_path):
+    """Parallel experiments on a fresh repo open a store that does not exist yet: each
+    process would create (and migrate) mlflow.db's tables, and without a lock around that
+    first use they fail ("table alembic_version already exists")."""
+    project = make_project(tmp_path / "project")
+    code = "from stages import tracking; print('experiment', tracking.connect())"
+    procs = [subprocess.Popen([str(PYTHON), "-c", code], cwd=project, env=stage_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(3)]
+    results = [(proc.communicate(timeout=120)[0], proc.returncode) for proc in procs]
+    for output, code in results:
+        assert code == 0, output
+    ids = {line for output, _ in results for line in output.splitlines()
+           if line.startswith("experiment ")}
+    assert len(ids) == 1, results
+    (line,) = ids
+    assert client(project).get_experiment_by_name("mnist-cnn").experiment_id == line.split()[1]
+
+
+@pytest.mark.fault
 def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
     from test_pipeline import run, tiny_project
 
@@ -334,19 +354,29 @@ def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
                             "-S", "train.epochs=2", "-S", "train.limit_train=512"], project))
     started = time.monotonic()
     # Blocks until the queue is empty (`dvc queue start` would return at once).
-    outputs.append(run([dvc, "exp", "run", "--run-all", "-j", "2"], project, timeout=900))
+    try:
+        outputs.append(run([dvc, "exp", "run", "--run-all", "-j", "2"], project, timeout=900))
+    except BaseException:  # the workers are daemons: stop them with the test
+        subprocess.run([dvc, "queue", "stop", "--kill"], cwd=project, capture_output=True,
+                       timeout=120)
+        raise
     seconds = time.monotonic() - started
-    outputs.append(run([dvc, "queue", "status"], project))
+    status = run([dvc, "queue", "status"], project)
+    outputs.append(status)
     print(f"4 queued experiments, 2 at a time: {seconds:.0f} s")
 
+    for name in names:  # each experiment's own output: both stages ran, to the end
+        log = run([dvc, "queue", "logs", name], project)
+        assert "train: epoch 2 " in log.stdout and "evaluate: test accuracy" in log.stdout, \
+            log.stdout
+        outputs.append(log)
     text = "".join(o.stdout + o.stderr for o in outputs)
-    # Every worker's own log too (DVC keeps them under .dvc/tmp).
+    # The workers' logs too (DVC keeps them under .dvc/tmp).
     for path in (project / ".dvc" / "tmp").rglob("*"):
         if path.is_file() and path.stat().st_size < 10_000_000:
             text += path.read_text(errors="replace")
     assert "database is locked" not in text.lower()
-    status = outputs[-1].stdout
-    assert status.count("Success") == 4, status
+    assert status.stdout.count("Success") == 4, status.stdout
 
     runs = mlflow_runs(project)
     assert sorted(r.info.run_name for r in runs) == sorted(names), [r.info.run_name for r in runs]

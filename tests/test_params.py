@@ -172,6 +172,7 @@ BAD_VALUES = [
 ]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(("path", "value", "starts_with", "words"), BAD_VALUES)
 def test_bad_value_is_explained(default_params, path, value, starts_with, words):
     message = error_message(with_change(default_params, path, value))
@@ -190,6 +191,7 @@ def test_bad_value_table_is_broad():
     assert {"base", "data", "model", "train", "evaluate"} <= sections
 
 
+@pytest.mark.bad_input
 def test_every_problem_is_reported_at_once(default_params):
     params = with_change(default_params, "train.lr", 0)
     params = with_change(params, "model.head", "mlp")
@@ -201,6 +203,7 @@ def test_every_problem_is_reported_at_once(default_params):
     assert any(line.startswith("evaluate.batch_sise: unknown key") for line in lines)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("raw", [None, [], "model: x", 3], ids=["null", "list", "string", "int"])
 def test_params_that_are_not_a_mapping(raw):
     with pytest.raises(ParamsError, match="params must be a mapping of sections, got"):
@@ -242,6 +245,7 @@ def test_params_yaml_is_conf_composed_without_overrides(tmp_path):
         "params.yaml is stale: regenerate it with `make params`"
 
 
+@pytest.mark.bad_input
 def test_unknown_preset_names_the_choices(tmp_path):
     with pytest.raises(HydraException) as caught:
         compose(tmp_path / "params.yaml", ["preset=nope"])
@@ -255,6 +259,7 @@ def test_unknown_preset_names_the_choices(tmp_path):
 # --- load_params on bad files --------------------------------------------------------------
 
 
+@pytest.mark.bad_input
 def test_load_params_missing_file(tmp_path):
     path = tmp_path / "nowhere" / "params.yaml"
     with pytest.raises(ParamsError) as caught:
@@ -262,6 +267,7 @@ def test_load_params_missing_file(tmp_path):
     assert str(caught.value) == f"{path} not found (run from the repository root)"
 
 
+@pytest.mark.bad_input
 def test_load_params_invalid_yaml(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  lr: [0.1\n  epochs: 3\n")
@@ -272,6 +278,7 @@ def test_load_params_invalid_yaml(tmp_path):
     assert "line" in message  # PyYAML's position of the problem
 
 
+@pytest.mark.bad_input
 def test_load_params_empty_file(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("")
@@ -282,6 +289,7 @@ def test_load_params_empty_file(tmp_path):
 # --- devices -------------------------------------------------------------------------------
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("device", ["cuda", "mps"])
 def test_unavailable_device_is_a_params_error(device):
     present = torch.cuda.is_available() if device == "cuda" else torch.backends.mps.is_available()
