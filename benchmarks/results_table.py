@@ -32,11 +32,15 @@ REPORTED = {
 
 
 def experiments(show: list) -> dict[str, dict]:
-    """{experiment name: its params and metrics}, newest first wins for repeated names."""
+    """{experiment name: its params and metrics}; queued, running and failed ones are left
+    out (DVC shows them with their baseline's metrics)."""
     found: dict[str, dict] = {}
 
     def walk(node) -> None:
         if isinstance(node, dict):
+            executor = node.get("executor") or {}
+            if executor.get("state") not in (None, "success"):
+                return
             data = node.get("data")
             name = node.get("name")
             if name and isinstance(data, dict) and data.get("metrics"):
@@ -107,8 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     args = parser.parse_args()
-    show = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "-A"], check=True,
-                                     capture_output=True, text=True).stdout)
+    command = [sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"]
+    show = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
     table = rows(experiments(show))
     default = default_run()
     print("\n".join(default + [""] + table))
