@@ -102,6 +102,7 @@ def main() -> None:
     scheduler = make_scheduler(optimizer, cfg, steps)
     history: list[dict] = []
 
+    device_name = describe(device)
     resumed = load_resumable(params)
     if resumed:
         model.load_state_dict(resumed["model_state"])
@@ -115,9 +116,8 @@ def main() -> None:
         print(f"train: resuming after epoch {len(history)} (MLflow run {run_id})")
     else:
         run_id = tracking.new_run(experiment_id, tracking.run_tags(
-            describe(device), {"preset": params.base.preset}))
+            device_name, {"preset": params.base.preset}))
 
-    device_name = describe(device)
     print(f"train: {count_parameters(model):,} parameters on {device_name}, "
           f"{str(dtype).removeprefix('torch.')}, {len(train_data):,} training images, "
           f"MLflow run {run_id} at {tracking.redact(tracking.tracking_uri())}")
