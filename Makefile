@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 ITERATIONS := I0 I1 I2 I3
 SEEDS := seed000 seed001 seed002 seed003
 
-.PHONY: setup repro test test-fast ui iterations seeds results bench plots params clean-venv
+.PHONY: setup repro test test-fast ui iterations seeds results bench bench-overheads same-recipe plots params clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -50,6 +50,12 @@ results: setup  ## rewrite the README's results table from `dvc exp show`
 
 bench: setup  ## training throughput: the seeds' way vs this pipeline, and the hardware floor
 	$(BIN)/python -m benchmarks.train_throughput $(BENCH_ARGS)
+
+bench-overheads: setup  ## per-epoch bookkeeping (MLflow, checkpoint) and no-op `dvc repro` times
+	$(BIN)/python -m benchmarks.overheads --readme
+
+same-recipe: setup  ## accuracy of the seeds' way vs this pipeline on the same recipe and seeds
+	$(BIN)/python -m benchmarks.same_recipe --readme
 
 plots: setup  ## DVC plots as HTML that renders offline (vega inlined from the npm registry)
 	$(BIN)/python -m tools.offline_plots

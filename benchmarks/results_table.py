@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks import readme
 
 # What each seed's README claims: (parameters, test accuracy, where the figure comes from).
 REPORTED = {
@@ -32,8 +33,8 @@ REPORTED = {
 
 
 def experiments(show: list) -> dict[str, dict]:
-    """{experiment name: its params and metrics}; queued, running and failed ones are left
-    out (DVC shows them with their baseline's metrics)."""
+    """{experiment name: its params and metrics, newest run of that name}; queued, running
+    and failed ones are left out (DVC shows them with their baseline's metrics)."""
     found: dict[str, dict] = {}
 
     def walk(node) -> None:
@@ -44,7 +45,9 @@ def experiments(show: list) -> dict[str, dict]:
             data = node.get("data")
             name = node.get("name")
             if name and isinstance(data, dict) and data.get("metrics"):
-                found.setdefault(name, data)
+                # A name run again (on a later commit too) shows its newest run.
+                if name not in found or data.get("timestamp", "") > found[name].get("timestamp", ""):
+                    found[name] = data
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -60,22 +63,23 @@ def file_data(data: dict, section: str, path: str) -> dict:
 
 
 def rows(found: dict[str, dict]) -> list[str]:
-    lines = ["| experiment | parameters (seed) | final test acc | best test acc (epoch) | "
-             "reported | final - reported | epochs | device | train time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = ["| experiment | parameters (reported) | final test acc | best test acc (epoch) | "
+             "reported | final - reported | epochs | random seed | device | train time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     for name, (params, accuracy, source) in REPORTED.items():
         data = found.get(name)
         if data is None:
-            lines.append(f"| {name} | ({params:,}) | not run | | {accuracy:.2%} | | | | |")
+            lines.append(f"| {name} | ({params:,}) | not run | | {accuracy:.2%} | | | | | |")
             continue
         train = file_data(data, "metrics", "reports/train_metrics.json")
         final = file_data(data, "metrics", "reports/metrics.json").get("test_accuracy")
         gap = (final - accuracy) * 100 if final is not None else None
+        seed = file_data(data, "params", "params.yaml").get("base", {}).get("seed", "?")
         lines.append(
             f"| {name} | {train.get('params', 0):,} ({params:,}) | {_pct(final)} | "
             f"{_pct(train.get('best_test_accuracy'))} ({train.get('best_epoch', '?')}) | "
             f"{accuracy:.2%} ({source}) | "
-            f"{'' if gap is None else f'{gap:+.2f} pt'} | {train.get('epochs', '?')} | "
+            f"{'' if gap is None else f'{gap:+.2f} pt'} | {train.get('epochs', '?')} | {seed} | "
             f"{train.get('device', '?')} | {train.get('train_seconds', 0):.0f} s |")
     return lines
 
@@ -95,14 +99,6 @@ def default_run() -> list[str]:
     ]
 
 
-def fill(text: str, block: str, lines: list[str]) -> str:
-    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
-    if begin not in text or end not in text:
-        sys.exit(f"README.md has no {begin} ... {end} block to fill")
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    return pattern.sub(lambda _: "\n".join([begin, *lines, end]), text)
-
-
 def _pct(value: float | None) -> str:
     return "?" if value is None else f"{value:.2%}"
 
@@ -117,10 +113,7 @@ def main() -> None:
     default = default_run()
     print("\n".join(default + [""] + table))
     if args.readme:
-        readme = Path("README.md")
-        text = fill(fill(readme.read_text(), "results", table), "default", default)
-        readme.write_text(text)
-        print("README.md updated")
+        readme.update({"results": table, "default": default})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
+from benchmarks import readme
 from stages.data import Split, load_split
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.loop import train_one_epoch
@@ -93,19 +94,25 @@ def _rss_with_children() -> int:
     return total
 
 
-def seeds_way(params, device: torch.device, steps: int, workers: int) -> dict:
+def seeds_loader(params, device: torch.device, workers: int, drop_last: bool = True,
+                 root: Path | str = "data") -> DataLoader:
     """torchvision dataset + per-sample transforms + DataLoader, as the seed notebooks do."""
     aug = params.train.augment
     transform = transforms.Compose([
         transforms.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate),
-                                scale=aug.scale),
+                                scale=aug.scale, shear=aug.shear or None),
         transforms.ToTensor(),
         transforms.Normalize((params.train.normalize.mean,), (params.train.normalize.std,)),
     ])
-    dataset = datasets.MNIST("data", train=True, download=False, transform=transform)
-    loader = DataLoader(dataset, batch_size=params.train.batch_size, shuffle=True,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, drop_last=True)
+    dataset = datasets.MNIST(root, train=True, download=False, transform=transform)
+    return DataLoader(dataset, batch_size=params.train.batch_size, shuffle=True,
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=False, drop_last=drop_last)
+
+
+def seeds_way(params, device: torch.device, steps: int, workers: int) -> dict:
+    """The seeds' training loop on `steps` batches of `seeds_loader`."""
+    loader = seeds_loader(params, device, workers)
     torch.manual_seed(0)
     model = build_model(params.model).to(device)
     optimizer = make_optimizer(model, params.train)
@@ -247,11 +254,7 @@ def main() -> None:
               f"{rate / 1e12:.3f} TFLOP/s." for dtype, rate in ceilings.items()]
     print("\n" + "\n".join(lines))
     if args.readme:
-        from benchmarks.results_table import fill
-
-        readme = Path("README.md")
-        readme.write_text(fill(readme.read_text(), f"bench-{device.type}", lines))
-        print("README.md updated")
+        readme.update({f"bench-{device.type}": lines})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,150 @@
+"""Same recipe, both training paths: does the fast path give up accuracy?
+
+    python -m benchmarks.same_recipe [--epochs 3] [--seeds 0 1] [--readme]
+
+Trains params.yaml's model and recipe (seed 004's I1 by default; `--epochs` shortens it,
+OneCycle then spans the shorter run) once per seed with each path of
+benchmarks/train_throughput.py:
+
+  seeds' way   torchvision MNIST, per-sample RandomAffine/ToTensor/Normalize, DataLoader,
+               fp32, NCHW
+  project      stages.loop.train_one_epoch as the train stage runs it (batched affine warps
+               on the device, channels_last, autocast per `train.precision`)
+
+and scores both final models with the same test-set evaluation. The noise yardstick is the
+binomial standard error of an accuracy measured on 10,000 test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks import readme
+from benchmarks.train_throughput import seeds_loader
+from stages.data import load_split, steps_per_epoch
+from stages.device import configure, describe, resolve_device, resolve_precision
+from stages.loop import evaluate, train_one_epoch
+from stages.model import build_model
+from stages.params import load_params
+from stages.train import make_optimizer, make_scheduler
+
+PATHS = ("seeds' way", "project")
+
+
+def seeds_epoch(model: nn.Module, loader, optimizer, per_batch, cfg, device) -> None:
+    """One epoch of the seed notebooks' loop."""
+    model.train()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if per_batch is not None:
+            per_batch.step()
+
+
+def train_and_score(path: str, params, device, dtype, seed: int, train, test,
+                    workers: int, root: Path | str = "data") -> tuple[float, float]:
+    """(final test accuracy, training seconds) of one path trained with `seed`."""
+    cfg = params.train
+    if path == "seeds' way":  # fp32, NCHW: what the notebooks run
+        cfg = cfg.model_copy(update={"channels_last": False})
+        dtype = torch.float32
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(params.model).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if path == "seeds' way":
+        loader = seeds_loader(params, device, workers, drop_last=False, root=root)
+        steps = len(loader)
+    else:
+        steps = steps_per_epoch(len(train), cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    per_batch = scheduler if cfg.scheduler == "onecycle" else None
+    started = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        if path == "seeds' way":
+            seeds_epoch(model, loader, optimizer, per_batch, cfg, device)
+        else:
+            train_one_epoch(model, train, optimizer, per_batch, cfg, generator, dtype, epoch)
+        if cfg.scheduler == "plateau":
+            scheduler.step(evaluate(model, test, params.evaluate.batch_size, cfg, dtype).loss)
+        elif cfg.scheduler == "step":
+            scheduler.step()
+    seconds = time.perf_counter() - started
+    return evaluate(model, test, params.evaluate.batch_size, cfg, dtype).accuracy, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs per training run (params.yaml's own count: 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="DataLoader workers for the seeds' way")
+    parser.add_argument("--readme", action="store_true",
+                        help="also write the table into README.md's Performance section")
+    args = parser.parse_args()
+    if args.epochs < 0:
+        parser.error(f"--epochs must be >= 0 (0: params.yaml's count), got {args.epochs}")
+
+    params = load_params()
+    if args.epochs:
+        params = params.model_copy(update={"train": params.train.model_copy(
+            update={"epochs": args.epochs})})
+    device = resolve_device(args.device)
+    configure(device)
+    dtype = resolve_precision(params.train.precision, device)
+    train = load_split(train=True, device=device)
+    test = load_split(train=False, device=device)
+
+    results: dict[str, list[tuple[float, float]]] = {path: [] for path in PATHS}
+    for seed in args.seeds:
+        for path in PATHS:
+            accuracy, seconds = train_and_score(path, params, device, dtype, seed, train,
+                                                test, args.workers)
+            results[path].append((accuracy, seconds))
+            print(f"seed {seed}, {path}: final test accuracy {accuracy:.4f} "
+                  f"({seconds:.0f} s)", flush=True)
+
+    means = {path: statistics.mean(a for a, _ in results[path]) for path in PATHS}
+    stderr = math.sqrt(means["project"] * (1 - means["project"]) / len(test))
+    lines = [
+        f"Device: {describe(device)}; preset {params.base.preset} "
+        f"({params.train.epochs} epochs, batch {params.train.batch_size}, "
+        f"{params.train.optimizer} + {params.train.scheduler}); seeds "
+        f"{', '.join(map(str, args.seeds))}; `python -m benchmarks.same_recipe --epochs "
+        f"{params.train.epochs} --seeds {' '.join(map(str, args.seeds))}`",
+        "",
+        "| path | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | train s (mean) |",
+        "| --- |" + " ---: |" * (len(args.seeds) + 2),
+    ]
+    for path in PATHS:
+        accs = " | ".join(f"{a:.2%}" for a, _ in results[path])
+        lines.append(f"| {path} | {accs} | {means[path]:.2%} | "
+                     f"{statistics.mean(s for _, s in results[path]):.0f} |")
+    lines += ["", f"Project - seeds' way: {(means['project'] - means[PATHS[0]]) * 100:+.2f} pt; "
+                  f"one standard error of a 10,000-image test accuracy at this level: "
+                  f"{stderr * 100:.2f} pt."]
+    print("\n" + "\n".join(lines))
+    if args.readme:
+        readme.update({"same-recipe": lines})
+
+
+if __name__ == "__main__":
+    main()
