@@ -78,6 +78,10 @@ def run_stage(project: Path, stage: str, timeout: float = 300,
                           env=stage_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Training:
     """`python -m stages.train` in the background, its stdout read line by line."""
 
@@ -85,9 +89,13 @@ class Training:
         # stderr goes to a file: an unread pipe could fill up and stall the stage.
         self.stderr_path = log_dir / f"stderr-{project.name}-{time.monotonic_ns()}.log"
         self._stderr = self.stderr_path.open("w")
+        # A shell's background job (`make test &`, nohup) starts with SIGINT ignored, and an
+        # ignored signal stays ignored across exec: Ctrl-C would then never reach the stage.
+        # The child gets the default back, as a stage started from a terminal has it.
         self.proc = subprocess.Popen([str(PYTHON), "-m", "stages.train"], cwd=project,
                                      env=stage_env(), stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True, bufsize=1)
+                                     stderr=self._stderr, text=True, bufsize=1,
+                                     preexec_fn=_default_sigint)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
