@@ -16,6 +16,7 @@ otherwise `dvc repro` would train, and that is not what is measured here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -50,36 +51,41 @@ def time_bookkeeping(epochs: int) -> dict[str, list[float]]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     seconds: dict[str, list[float]] = {"MLflow log_metrics": [], "checkpoint": [],
                                        "curves CSV": [], ASYNC: []}
+    history: list[dict] = []
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        started = time.perf_counter()
+        yield
+        seconds[name].append(time.perf_counter() - started)
+
     previous_uri = mlflow.get_tracking_uri()
     with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {
             # A throw-away store and artifact folder: the project's store is not touched.
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "DVC_ROOT": tmp}):
-        run_id = tracking.new_run(tracking.connect(), {"purpose": "overhead benchmark"})
-        history: list[dict] = []
-        with tracking.run_status(run_id):
-            for epoch in range(1, epochs + 1):
-                metrics = {"epoch": epoch, "train_loss": 0.1 / epoch, "train_accuracy": 0.99,
-                           "test_loss": 0.05 / epoch, "test_accuracy": 0.995, "lr": 0.01,
-                           "epoch_seconds": 1.0}
-                history.append(metrics)
-                started = time.perf_counter()
-                write_atomic(Path(tmp) / "checkpoint.pt", lambda f: torch.save({
-                    "history": history, "model_state": model.state_dict(),
-                    "optimizer_state": optimizer.state_dict()}, f))
-                seconds["checkpoint"].append(time.perf_counter() - started)
-                started = time.perf_counter()
-                mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
-                                   step=epoch)
-                seconds["MLflow log_metrics"].append(time.perf_counter() - started)
-                started = time.perf_counter()  # the lever not taken: see ASYNC
-                mlflow.log_metrics({f"async_{k}": v for k, v in metrics.items()}, step=epoch,
-                                   synchronous=False)
-                seconds[ASYNC].append(time.perf_counter() - started)
-                started = time.perf_counter()
-                write_csv(Path(tmp) / "curves.csv", METRIC_NAMES, history)
-                seconds["curves CSV"].append(time.perf_counter() - started)
-            mlflow.flush_async_logging()
-    mlflow.set_tracking_uri(previous_uri)
+        try:
+            run_id = tracking.new_run(tracking.connect(), {"purpose": "overhead benchmark"})
+            with tracking.run_status(run_id):
+                for epoch in range(1, epochs + 1):
+                    metrics = {"epoch": epoch, "train_loss": 0.1 / epoch,
+                               "train_accuracy": 0.99, "test_loss": 0.05 / epoch,
+                               "test_accuracy": 0.995, "lr": 0.01, "epoch_seconds": 1.0}
+                    history.append(metrics)
+                    logged = {k: v for k, v in metrics.items() if k != "epoch"}
+                    with timed("checkpoint"):
+                        write_atomic(Path(tmp) / "checkpoint.pt", lambda f: torch.save({
+                            "history": history, "model_state": model.state_dict(),
+                            "optimizer_state": optimizer.state_dict()}, f))
+                    with timed("MLflow log_metrics"):
+                        mlflow.log_metrics(logged, step=epoch)
+                    with timed(ASYNC):  # the lever not taken: see ASYNC
+                        mlflow.log_metrics({f"async_{k}": v for k, v in logged.items()},
+                                           step=epoch, synchronous=False)
+                    with timed("curves CSV"):
+                        write_csv(Path(tmp) / "curves.csv", METRIC_NAMES, history)
+                mlflow.flush_async_logging()
+        finally:
+            mlflow.set_tracking_uri(previous_uri)  # this process's MLflow client too
     return seconds
 
 
@@ -113,10 +119,12 @@ def main() -> None:
     repro = time_noop_repro(args.repeats)  # first: the bookkeeping below must not dirty it
     bookkeeping = time_bookkeeping(args.epochs)
 
+    # The last run's epoch (train + test), the denominator of the shares below.
+    epoch_s = 60_000 / last_run["images_per_second"] if last_run else None
     lines = [f"`python -m benchmarks.overheads --epochs {args.epochs} --repeats "
              f"{args.repeats}` on {os.cpu_count()} CPU cores, sqlite MLflow store; the "
              f"last run's epoch: "
-             + (f"{60_000 / last_run['images_per_second']:.1f} s (train + test) on "
+             + (f"{epoch_s:.1f} s (train + test) on "
                 f"{last_run['device']} (reports/train_metrics.json)" if last_run else
                 "none yet (no reports/train_metrics.json)"),
              "",
@@ -125,8 +133,7 @@ def main() -> None:
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, values in bookkeeping.items():
         median = statistics.median(values)
-        share = (f"{median / (60_000 / last_run['images_per_second']):.3%}" if last_run
-                 else "n/a")
+        share = f"{median / epoch_s:.3%}" if epoch_s else "n/a"
         lines.append(f"| {name} | {median * 1e3:.1f} | {max(values) * 1e3:.1f} | {share} | "
                      f"{median / GPU_TARGET_EPOCH_S:.2%} |")
     lines.append("")
