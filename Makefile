@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 ITERATIONS := I0 I1 I2 I3
 SEEDS := seed000 seed001 seed002 seed003
 
-.PHONY: setup repro test test-fast ui iterations seeds results bench bench-overheads same-recipe plots params clean-venv
+.PHONY: setup repro test test-fast ui iterations seeds results bench bench-overheads profile recipes same-recipe plots params clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -50,6 +50,15 @@ results: setup  ## rewrite the README's results table from `dvc exp show`
 
 bench: setup  ## training throughput: the seeds' way vs this pipeline, and the hardware floor
 	$(BIN)/python -m benchmarks.train_throughput $(BENCH_ARGS)
+
+# Whole recipes, timed as the train stage runs them. All eight take minutes on a GPU and
+# hours on a small CPU: RECIPE_ARGS="--device cuda --presets I3 I1 I0 I2 seed000 seed001 seed002 seed003 --readme"
+RECIPE_ARGS ?= --presets I3
+recipes: setup  ## full recipes: training-loop time, accuracy, time to 99.4% (RECIPE_ARGS)
+	$(BIN)/python -m benchmarks.recipe_time $(RECIPE_ARGS)
+
+profile: setup  ## where a training step's time goes (torch.profiler, by kind of work)
+	$(BIN)/python -m benchmarks.profile_step --readme
 
 bench-overheads: setup  ## per-epoch bookkeeping (MLflow, checkpoint) and no-op `dvc repro` times
 	$(BIN)/python -m benchmarks.overheads --readme

@@ -30,13 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import readme
-from benchmarks.train_throughput import seeds_loader
+from benchmarks.train_throughput import fork_safe, seeds_loader
 from stages.data import load_split, steps_per_epoch
 from stages.device import configure, describe, resolve_device, resolve_precision
-from stages.loop import evaluate, train_one_epoch
+from stages.loop import (
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+    training_forward,
+)
 from stages.model import build_model
 from stages.params import load_params
-from stages.train import make_optimizer, make_scheduler
 
 PATHS = ("seeds' way", "project")
 
@@ -44,7 +49,9 @@ PATHS = ("seeds' way", "project")
 def seeds_epoch(model: nn.Module, loader, optimizer, per_batch, cfg, device) -> None:
     """One epoch of the seed notebooks' loop."""
     model.train()
-    for images, labels in loader:
+    with fork_safe():
+        batches = iter(loader)
+    for images, labels in batches:
         images, labels = images.to(device), labels.to(device)
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -77,11 +84,13 @@ def train_and_score(path: str, params, device, dtype, seed: int, train, test,
     scheduler = make_scheduler(optimizer, cfg, steps)
     per_batch = scheduler if cfg.scheduler == "onecycle" else None
     started = time.perf_counter()
+    forward = training_forward(model, train, cfg, dtype) if path == "project" else model
     for epoch in range(1, cfg.epochs + 1):
         if path == "seeds' way":
             seeds_epoch(model, loader, optimizer, per_batch, cfg, device)
         else:
-            train_one_epoch(model, train, optimizer, per_batch, cfg, generator, dtype, epoch)
+            train_one_epoch(model, train, optimizer, per_batch, cfg, generator, dtype, epoch,
+                            forward)
         if cfg.scheduler == "plateau":
             scheduler.step(evaluate(model, test, params.evaluate.batch_size, cfg, dtype).loss)
         elif cfg.scheduler == "step":
@@ -109,7 +118,7 @@ def main() -> None:
         params = params.model_copy(update={"train": params.train.model_copy(
             update={"epochs": args.epochs})})
     device = resolve_device(args.device)
-    configure(device)
+    configure(device, params.train.cudnn_benchmark)
     dtype = resolve_precision(params.train.precision, device)
     train = load_split(train=True, device=device)
     test = load_split(train=False, device=device)
@@ -144,7 +153,7 @@ def main() -> None:
                   f"{stderr * 100:.2f} pt."]
     print("\n" + "\n".join(lines))
     if args.readme:
-        readme.update({"same-recipe": lines})
+        readme.update({"same-recipe" + ("" if device.type == "cpu" else f"-{device.type}"): lines})
 
 
 if __name__ == "__main__":

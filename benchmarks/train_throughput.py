@@ -19,6 +19,7 @@ the same dtype: the epoch time a perfectly efficient implementation would need.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import resource
 import statistics
@@ -35,11 +36,16 @@ from torchvision import datasets, transforms
 
 from benchmarks import readme
 from stages.data import Split, load_split
-from stages.device import configure, describe, resolve_device, resolve_precision
-from stages.loop import train_one_epoch
+from stages.device import configure, cpu_flags, describe, resolve_device, resolve_precision
+from stages.loop import (
+    make_optimizer,
+    make_scheduler,
+    start_training,
+    train_one_epoch,
+    training_forward,
+)
 from stages.model import build_model
 from stages.params import load_params
-from stages.train import make_optimizer, make_scheduler
 
 EPOCH_IMAGES = 60_000
 
@@ -94,6 +100,23 @@ def _rss_with_children() -> int:
     return total
 
 
+@contextmanager
+def fork_safe():
+    """Start DataLoader workers (they fork from this process) without the CUDA crash.
+
+    A forked worker inherits every object of this process, CUDA tensors included. If its
+    garbage collector frees one (a reference cycle left over from an earlier run), that
+    calls into CUDA, which cannot work after a fork, and the worker dies. So collect the
+    cycles first and hide what is left from the workers' collector while they start.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def seeds_loader(params, device: torch.device, workers: int, drop_last: bool = True,
                  root: Path | str = "data") -> DataLoader:
     """torchvision dataset + per-sample transforms + DataLoader, as the seed notebooks do."""
@@ -120,7 +143,8 @@ def seeds_way(params, device: torch.device, steps: int, workers: int) -> dict:
     model.train()
     result: dict = {}
     with peak_memory(device, result):
-        batches = iter(loader)
+        with fork_safe():
+            batches = iter(loader)
         for step in range(steps + 3):  # 3 warm-up steps: workers start, caches fill
             if step == 3:
                 sync(device)
@@ -140,30 +164,43 @@ def seeds_way(params, device: torch.device, steps: int, workers: int) -> dict:
     return result
 
 
+def fresh_training(params, device: torch.device, steps: int):
+    """(model, optimizer, scheduler, generator) built as the train stage builds them, seeded
+    with 0, the scheduler spanning `steps` plus warm-up."""
+    return start_training(params, device, steps + 5, seed=0)
+
+
 def project_way(params, device: torch.device, train: Split, steps: int,
-                dtype: torch.dtype) -> dict:
-    """stages.loop.train_one_epoch on the first `steps` batches, as the train stage runs it."""
+                dtype: torch.dtype, compile_model: bool = False) -> dict:
+    """stages.loop.train_one_epoch on the first `steps` batches, as the train stage runs it
+    (with `compile_model`, on the torch.compile'd model: a lever the stage does not use)."""
     bs = params.train.batch_size
     subset = Split(images=train.images[: (steps + 3) * bs], labels=train.labels[: (steps + 3) * bs])
-    torch.manual_seed(0)
-    model = build_model(params.model).to(device)
-    if params.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params.train)
-    scheduler = make_scheduler(optimizer, params.train, steps + 5)
-    generator = torch.Generator().manual_seed(0)
+    model, optimizer, scheduler, generator = fresh_training(params, device, steps)
     warmup = Split(images=subset.images[: 3 * bs], labels=subset.labels[: 3 * bs])
-    train_one_epoch(model, warmup, optimizer, scheduler, params.train, generator, dtype, 0)
+    started = time.perf_counter()  # warm-up includes compiling or the CUDA graph capture
+    forward = torch.compile(model) if compile_model else training_forward(
+        model, warmup, params.train, dtype)
+    train_one_epoch(model, warmup, optimizer, scheduler, params.train, generator, dtype, 0,
+                    forward)
+    warmup_seconds = time.perf_counter() - started
     timed = Split(images=subset.images[3 * bs:], labels=subset.labels[3 * bs:])
     result: dict = {}
     with peak_memory(device, result):
         sync(device)
         started = time.perf_counter()
-        train_one_epoch(model, timed, optimizer, scheduler, params.train, generator, dtype, 1)
+        train_one_epoch(model, timed, optimizer, scheduler, params.train, generator, dtype, 1,
+                        forward)
         sync(device)
         seconds = time.perf_counter() - started
     result["images_per_second"] = len(timed) / seconds
+    result["warmup_seconds"] = warmup_seconds
     return result
+
+
+def with_train(params, **changes):
+    """`params` with some `train.*` values changed: one lever at a time."""
+    return params.model_copy(update={"train": params.train.model_copy(update=changes)})
 
 
 def flops_per_image(params, device: torch.device) -> float:
@@ -197,37 +234,54 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each path")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers for the seeds' way")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row: the project path on the torch.compile'd model")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="CPU: keep freed memory in the process, as the stages do "
+                             "(stages.device.keep_freed_memory), or glibc's defaults; "
+                             "process-wide, so it applies to every row")
     parser.add_argument("--readme", action="store_true",
                         help="also write the table into README.md's Performance section")
     args = parser.parse_args()
 
     params = load_params()
     device = resolve_device(args.device)
-    configure(device)
+    configure(device, params.train.cudnn_benchmark, keep_memory=args.malloc == "keep")
     auto_dtype = resolve_precision(params.train.precision, device)
     train = load_split(train=True, device=device)
     flops = flops_per_image(params, device)
 
-    # (label, params, autocast dtype): the default path, plus the levers one at a time.
-    variants = [("project (as the train stage runs)", params, auto_dtype)]
+    # (label, params, autocast dtype, compiled): the default path, then one lever at a time.
+    variants = [("project (as the train stage runs)", params, auto_dtype, False)]
+    if args.compile:
+        variants.append(("project + torch.compile", params, auto_dtype, True))
     if auto_dtype != torch.float32:
-        variants.append(("project, fp32", params, torch.float32))
+        variants.append(("project, fp32", params, torch.float32, False))
+    elif device.type == "cuda" or cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        # `precision: auto` chose fp32 here: show what bf16 would do. (A CPU with neither
+        # flag emulates bf16, a hundred times slower: no row.)
+        variants.append(("project, bf16 autocast", params, torch.bfloat16, False))
+    if device.type == "cuda" and params.train.cuda_graphs:
+        variants.append(("project, no CUDA graphs", with_train(params, cuda_graphs=False),
+                         auto_dtype, False))
     variants.append(("project, fp32, no channels_last",
-                     params.model_copy(update={"train": params.train.model_copy(
-                         update={"channels_last": False})}), torch.float32))
+                     with_train(params, channels_last=False), torch.float32, False))
 
     rows: dict[str, list[dict]] = {"seeds' way (DataLoader)": []}
-    rows.update({label: [] for label, _, _ in variants})
+    rows.update({label: [] for label, *_ in variants})
     for round_ in range(args.rounds):
         rows["seeds' way (DataLoader)"].append(seeds_way(params, device, args.steps, args.workers))
-        for label, variant, dtype in variants:
-            rows[label].append(project_way(variant, device, train, args.steps, dtype))
+        for label, variant, dtype, compiled in variants:
+            rows[label].append(project_way(variant, device, train, args.steps, dtype, compiled))
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
-    ceilings = {dtype: matmul_ceiling(device, dtype) for dtype in {torch.float32, auto_dtype}}
+    ceilings = {dtype: matmul_ceiling(device, dtype) for dtype in dict.fromkeys(
+        [torch.float32, *(dtype for _, _, dtype, _ in variants)])}
     dtypes = {"seeds' way (DataLoader)": torch.float32,
-              **{label: dtype for label, _, dtype in variants}}
+              **{label: dtype for label, _, dtype, _ in variants}}
     baseline = statistics.median(r["images_per_second"] for r in rows["seeds' way (DataLoader)"])
+    options = (" --compile" if args.compile else "") + (
+        f" --malloc {args.malloc}" if args.malloc != "keep" else "")
 
     lines = [
         f"Device: {describe(device)}, torch {torch.__version__}; model I1 "
@@ -235,7 +289,8 @@ def main() -> None:
         f"{flops / 1e6:.1f} MFLOP per image forward + backward); batch "
         f"{params.train.batch_size}; {args.steps} timed steps x {args.rounds} interleaved "
         f"rounds (median); `python -m benchmarks.train_throughput --device {args.device} "
-        f"--steps {args.steps} --rounds {args.rounds}`",
+        f"--steps {args.steps} --rounds {args.rounds}{options}`"
+        + ("; glibc malloc at its defaults" if args.malloc == "default" else ""),
         "",
         "| path | dtype | images/s | epoch s | vs seeds' way | floor epoch s | x floor | peak MiB |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -247,14 +302,20 @@ def main() -> None:
         floor = EPOCH_IMAGES * flops / ceilings[dtype]
         epoch = EPOCH_IMAGES / ips
         lines.append(f"| {label} | {str(dtype).removeprefix('torch.')} | {ips:,.0f} | "
-                     f"{epoch:.1f} | {ips / baseline:.2f}x | {floor:.2f} | {epoch / floor:.0f}x | "
+                     f"{epoch:.3g} | {ips / baseline:.2f}x | {floor:.3g} | {epoch / floor:.0f}x | "
                      f"{peak:,.0f} |")
     lines.append("")
-    lines += [f"Matmul ceiling ({2048}x{2048}, {str(dtype).removeprefix('torch.')}): "
+    if args.compile:
+        compiling = rows["project + torch.compile"][0]["warmup_seconds"]
+        lines.append(f"torch.compile: the first 3 steps, compiling included, took {compiling:.1f} s.")
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32  # as configure() set
+    lines += [f"Matmul ceiling ({2048}x{2048}, {str(dtype).removeprefix('torch.')}"
+              f"{', TF32 tensor cores' if tf32 and dtype == torch.float32 else ''}): "
               f"{rate / 1e12:.3f} TFLOP/s." for dtype, rate in ceilings.items()]
     print("\n" + "\n".join(lines))
     if args.readme:
-        readme.update({f"bench-{device.type}": lines})
+        block = f"bench-{device.type}" + ("-malloc-default" if args.malloc == "default" else "")
+        readme.update({block: lines})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import MNIST
 
-from stages.params import IMAGE_SIZE, NUM_CLASSES, Augment, Normalize
+from stages.params import (
+    IDX_IMAGES_MAGIC,
+    IDX_LABELS_MAGIC,
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    Augment,
+    Normalize,
+)
 
 DATA_ROOT = Path("data")
 
@@ -41,8 +48,8 @@ def load_split(train: bool, root: Path = DATA_ROOT, limit: int = 0,
     raw = Path(root) / "MNIST" / "raw"
     images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
     # torchvision's reader asserts on a bad header (or crashes on a short file): check first.
-    n_images = check_idx(images_file, IDX_IMAGES, (IMAGE_SIZE, IMAGE_SIZE))
-    n_labels = check_idx(labels_file, IDX_LABELS, ())
+    n_images = check_idx(images_file, IDX_IMAGES_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
+    n_labels = check_idx(labels_file, IDX_LABELS_MAGIC, ())
     if n_images != n_labels:
         raise DataError(f"{images_file} holds {n_images} images but {labels_file} holds "
                         f"{n_labels} labels; run `dvc repro download` to fetch a good copy")
@@ -59,9 +66,6 @@ def load_split(train: bool, root: Path = DATA_ROOT, limit: int = 0,
     # One conversion to float for the whole split, on the device: batches are then slices.
     images = images.to(device).unsqueeze(1).float().div_(255)
     return Split(images=images, labels=labels.to(device))
-
-
-IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers: unsigned bytes, 3 or 1 dimensions
 
 
 def check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:

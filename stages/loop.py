@@ -1,8 +1,18 @@
-"""The two loops every stage shares: one training epoch, and one pass over a test set."""
+"""The training recipe every stage and benchmark shares: the optimiser and its schedule, one
+training epoch, one pass over a test set, and the epoch loop that joins them.
+
+On a GPU a step of these small CNNs is a few microseconds of arithmetic behind a hundred
+kernel launches, so the loop is built to keep the host out of the way: the epoch's images
+are augmented in a few large chunks before its first step, nothing is read back to the host
+before the epoch ends, and on CUDA the forward and backward pass of a full batch are captured
+once as CUDA graphs and replayed (`train.cuda_graphs`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -11,39 +21,134 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import Split, batch_indices, normalize, random_affine
-from stages.params import Train
+from stages.model import build_model
+from stages.params import Params, Train
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+# Images warped per call when augmenting an epoch: large enough to amortise the launches,
+# small enough that the sampling grid (8 bytes a pixel) stays near 50 MB.
+AUGMENT_CHUNK = 8192
+# The bar the seeds report against ("above 99.4 %"): a run's summary says when it first met it.
+TARGET_ACCURACY = 0.994
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """bf16 autocast runs convs and matmuls in bf16; BatchNorm and the loss stay in fp32."""
+    """bf16 autocast runs convs and matmuls in bf16; BatchNorm and the loss stay in fp32.
+    The cast-weight cache is off because CUDA graph capture requires it (and these CNNs use
+    each weight once per pass, so it saves nothing)."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+def memory_format(cfg: Train) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Train, steps: int):
+    """OneCycle steps every batch; StepLR and ReduceLROnPlateau step once per epoch."""
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps,
+            pct_start=cfg.onecycle.pct_start, div_factor=cfg.onecycle.div_factor,
+            final_div_factor=cfg.onecycle.final_div_factor)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step.step_size, cfg.step.gamma)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.plateau.factor, patience=cfg.plateau.patience)
+    return None
+
+
+def start_training(params: Params, device: torch.device, steps: int, seed: int):
+    """A fresh run: (model, optimizer, scheduler, generator), the model on `device` in the
+    training memory format, the schedule spanning `steps` steps per epoch, and both random
+    streams seeded with `seed` (torch's for weights and dropout, the CPU generator for
+    shuffling and augmentation)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(params.model).to(device, memory_format=memory_format(params.train))
+    optimizer = make_optimizer(model, params.train)
+    return model, optimizer, make_scheduler(optimizer, params.train, steps), generator
+
+
+def training_forward(model: nn.Module, data: Split, cfg: Train, dtype: torch.dtype) -> Forward:
+    """The function a training step calls for its logits: the model itself, or on CUDA with
+    `train.cuda_graphs` (and at least one full batch) its CUDA-graphed forward and backward.
+
+    `torch.cuda.make_graphed_callables` records the kernels of one forward and one backward
+    pass and replays them with a single launch each, which is what a 15k-parameter CNN needs:
+    eager PyTorch spends far longer launching its ~100 kernels than the GPU spends running
+    them. The graph is fixed to one input shape and to training mode, so the epoch's last,
+    smaller batch and every evaluation run the ordinary (eager) model on the same weights.
+    BatchNorm's running statistics are restored after the capture's warm-up passes, so
+    capturing leaves the model as it found it.
+    """
+    device = data.images.device
+    if device.type != "cuda" or not cfg.cuda_graphs or len(data) < cfg.batch_size:
+        return model
+    sample = normalize(data.images[: cfg.batch_size], cfg.normalize)
+    sample = sample.contiguous(memory_format=memory_format(cfg))
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.train()
+    with autocast(device, dtype):
+        torch.cuda.make_graphed_callables(model, (sample,))  # replaces model.forward
+    graphed = model.forward
+    del model.forward  # the model goes back to its class's forward: eager, exportable
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        if model.training and images.shape == sample.shape:
+            return graphed(images)
+        return model(images)
+
+    return forward
+
+
+def augmented_epoch(data: Split, cfg: Train, generator: torch.Generator) -> torch.Tensor:
+    """Every training image warped by its own random affine (`train.augment`), normalised,
+    in the training memory format: one epoch's inputs, made in a few large passes rather
+    than one small pass per step."""
+    with torch.no_grad():
+        warped = torch.cat([random_affine(chunk, cfg.augment, generator)
+                            for chunk in data.images.split(AUGMENT_CHUNK)])
+        return normalize(warped, cfg.normalize).contiguous(memory_format=memory_format(cfg))
 
 
 def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, cfg: Train,
-                    generator: torch.Generator, dtype: torch.dtype, epoch: int) -> dict[str, float]:
+                    generator: torch.Generator, dtype: torch.dtype, epoch: int,
+                    forward: Forward | None = None) -> dict[str, float]:
     """One pass over `data` in shuffled batches; `scheduler` (if given) steps every batch.
+    `forward` is what `training_forward` returned (default: the model, eager).
 
     Loss and accuracy are summed on the device and read once at the end: reading them every
     step (`.item()`) would wait for the GPU each time.
     """
+    forward = forward or model
     model.train()
     device = data.images.device
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     batches = batch_indices(len(data), cfg.batch_size, shuffle=True, generator=generator, device=device)
+    images = augmented_epoch(data, cfg, generator)
     # tqdm's disable=None: a bar on a terminal, silence in logs and CI.
     with tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=None,
               leave=False) as bar:
         for step, index in enumerate(bar):
-            images = random_affine(data.images[index], cfg.augment, generator)
-            images = normalize(images, cfg.normalize).contiguous(memory_format=memory_format)
             labels = data.labels[index]
             with autocast(device, dtype):
-                logits = model(images)
+                logits = forward(images[index])
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -75,11 +180,10 @@ def evaluate(model: nn.Module, data: Split, batch_size: int, cfg: Train,
     """Mean cross-entropy, accuracy and the predicted class of every image."""
     model.eval()
     device = data.images.device
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     total_loss = torch.zeros((), device=device)
     predictions = []
     for index in batch_indices(len(data), batch_size, shuffle=False, generator=None, device=device):
-        images = normalize(data.images[index], cfg.normalize).contiguous(memory_format=memory_format)
+        images = normalize(data.images[index], cfg.normalize).contiguous(memory_format=memory_format(cfg))
         with autocast(device, dtype):
             logits = model(images)
         total_loss += F.cross_entropy(logits.float(), data.labels[index], reduction="sum")
@@ -88,3 +192,37 @@ def evaluate(model: nn.Module, data: Split, batch_size: int, cfg: Train,
     accuracy = (predicted == data.labels).sum().item() / len(data)
     return Evaluation(loss=total_loss.item() / len(data), accuracy=accuracy,
                       predictions=predicted.cpu())
+
+
+def run_epochs(model: nn.Module, forward: Forward, train: Split, test: Split,
+               optimizer: torch.optim.Optimizer, scheduler, cfg: Train, eval_batch_size: int,
+               generator: torch.Generator, dtype: torch.dtype,
+               first_epoch: int = 1) -> Iterator[dict[str, float]]:
+    """Train epochs `first_epoch`..`cfg.epochs`, testing after each; yield each epoch's
+    metrics (the caller saves them between epochs, outside `epoch_seconds`)."""
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        per_batch = scheduler if cfg.scheduler == "onecycle" else None
+        metrics = train_one_epoch(model, train, optimizer, per_batch, cfg, generator, dtype,
+                                  epoch, forward)
+        result = evaluate(model, test, eval_batch_size, cfg, dtype)
+        if cfg.scheduler == "plateau":
+            scheduler.step(result.loss)
+        elif cfg.scheduler == "step":
+            scheduler.step()
+        yield {"epoch": epoch, **metrics, "test_loss": result.loss,
+               "test_accuracy": result.accuracy, "lr": lr,
+               "epoch_seconds": time.perf_counter() - started}
+
+
+def time_to_accuracy(history: list[dict], target: float) -> dict:
+    """The first epoch whose test accuracy reached `target`, and the seconds of training and
+    testing up to its end (bookkeeping between epochs excluded); None for both if none did."""
+    elapsed = 0.0
+    for metrics in history:
+        elapsed += metrics["epoch_seconds"]
+        if metrics["test_accuracy"] >= target:
+            return {"epoch_to_target": metrics["epoch"], "seconds_to_target": round(elapsed, 2),
+                    "target_accuracy": target}
+    return {"epoch_to_target": None, "seconds_to_target": None, "target_accuracy": target}

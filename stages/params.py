@@ -26,6 +26,9 @@ PARAMS_FILE = Path("params.yaml")
 IMAGE_SIZE = 28  # MNIST: 1 x 28 x 28 in, 10 classes out
 IN_CHANNELS = 1
 NUM_CLASSES = 10
+# IDX file magic numbers (unsigned bytes, 3 or 1 dimensions): written by the download
+# stage, checked by the reader.
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 
 
 class ParamsError(ValueError):
@@ -222,6 +225,8 @@ class Train(Section):
     normalize: Normalize = Normalize()
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
+    cuda_graphs: bool = True
+    cudnn_benchmark: bool = False
     limit_train: NonNegativeInt = 0
     limit_test: NonNegativeInt = 0
     resume: bool = False

@@ -156,21 +156,29 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 @contextlib.contextmanager
 def run_status(run_id: str) -> Iterator[None]:
     """Keep the run active while the block runs, and end it with the status it earned:
-    FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM. Never left RUNNING."""
+    FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM. Never left RUNNING, and
+    metrics logged with `synchronous=False` are all stored before it ends."""
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     mlflow.start_run(run_id=run_id)
     try:
         yield
     except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end_run(RunStatus.KILLED)
         raise
     except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_run(RunStatus.FAILED)
         raise
     else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+        _end_run(RunStatus.FINISHED)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _end_run(status: int) -> None:
+    try:
+        mlflow.flush_async_logging()  # the queued per-epoch metrics first
+    finally:
+        mlflow.end_run(RunStatus.to_string(status))
 
 
 def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:

@@ -21,9 +21,15 @@ from stages import tracking
 from stages.data import DataError, load_split, normalize, steps_per_epoch
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.files import write_atomic, write_csv, write_json
-from stages.loop import evaluate, train_one_epoch
-from stages.model import build_model, count_parameters
-from stages.params import Params, ParamsError, Train, load_params
+from stages.loop import (
+    TARGET_ACCURACY,
+    run_epochs,
+    start_training,
+    time_to_accuracy,
+    training_forward,
+)
+from stages.model import count_parameters
+from stages.params import Params, ParamsError, load_params
 
 MODEL_FILE = Path("models/model.pt")
 CHECKPOINT_FILE = Path("models/checkpoint.pt")
@@ -31,29 +37,6 @@ CURVES_FILE = Path("reports/training_curves.csv")
 TRAIN_METRICS_FILE = Path("reports/train_metrics.json")
 METRIC_NAMES = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
                 "epoch_seconds")
-
-
-def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Train, steps: int):
-    """OneCycle steps every batch; StepLR and ReduceLROnPlateau step once per epoch."""
-    if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps,
-            pct_start=cfg.onecycle.pct_start, div_factor=cfg.onecycle.div_factor,
-            final_div_factor=cfg.onecycle.final_div_factor)
-    if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step.step_size, cfg.step.gamma)
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.plateau.factor, patience=cfg.plateau.patience)
-    return None
 
 
 def recipe(params: Params) -> dict:
@@ -91,15 +74,9 @@ def main() -> None:
     except (ParamsError, DataError, tracking.TrackingError) as err:
         sys.exit(f"train: error: {err}")
 
-    configure(device)
-    torch.manual_seed(params.base.seed)
-    generator = torch.Generator().manual_seed(params.base.seed)  # shuffling + augmentation
-    model = build_model(params.model).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    steps = steps_per_epoch(len(train_data), cfg.batch_size)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps)
+    configure(device, params.train.cudnn_benchmark)
+    model, optimizer, scheduler, generator = start_training(
+        params, device, steps_per_epoch(len(train_data), cfg.batch_size), params.base.seed)
     history: list[dict] = []
 
     device_name = describe(device)
@@ -126,23 +103,15 @@ def main() -> None:
         if not resumed:
             mlflow.log_params(tracking.flatten(params.model_dump(mode="json")))
         train_start = time.perf_counter()
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            per_batch = scheduler if cfg.scheduler == "onecycle" else None
-            metrics = train_one_epoch(model, train_data, optimizer, per_batch, cfg, generator,
-                                      dtype, epoch)
-            result = evaluate(model, test_data, params.evaluate.batch_size, cfg, dtype)
-            if cfg.scheduler == "plateau":
-                scheduler.step(result.loss)
-            elif cfg.scheduler == "step":
-                scheduler.step()
-            metrics = {"epoch": epoch, **metrics, "test_loss": result.loss,
-                       "test_accuracy": result.accuracy, "lr": lr,
-                       "epoch_seconds": time.perf_counter() - started}
+        forward = training_forward(model, train_data, cfg, dtype)
+        for metrics in run_epochs(model, forward, train_data, test_data, optimizer, scheduler,
+                                  cfg, params.evaluate.batch_size, generator, dtype,
+                                  first_epoch=len(history) + 1):
             # Saving an epoch is all or nothing: a stop signal waits for the end of the block.
-            # The checkpoint comes first (resume trusts it), the log line last (once it is
-            # printed, the epoch is on disk and in MLflow).
+            # The checkpoint comes first (resume trusts it), the log line last. MLflow gets
+            # the metrics through its queue (a synchronous sqlite write would cost 4% of a
+            # 0.3 s GPU epoch); tracking.run_status flushes it before the run ends, however
+            # it ends.
             with tracking.signals_deferred():
                 history.append(metrics)
                 write_atomic(CHECKPOINT_FILE, lambda f: torch.save({
@@ -153,7 +122,7 @@ def main() -> None:
                 }, f))
                 # Every sink gets the same dict: MLflow, the DVC plots file, the log line.
                 mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
-                                   step=epoch)
+                                   step=metrics["epoch"], synchronous=False)
                 write_csv(CURVES_FILE, METRIC_NAMES, history)
                 print("train: " + "  ".join(_format(k, v) for k, v in metrics.items()),
                       flush=True)
@@ -170,11 +139,14 @@ def main() -> None:
             "train_seconds": round(train_seconds, 2),
             "images_per_second": round(sum(len(train_data) for _ in history) /
                                        sum(m["epoch_seconds"] for m in history)),
+            **time_to_accuracy(history, TARGET_ACCURACY),
             "device": device_name,
         }
         write_json(TRAIN_METRICS_FILE, summary)
         mlflow.log_metrics({"best_test_accuracy": best["test_accuracy"],
-                            "train_seconds": summary["train_seconds"]})
+                            "train_seconds": summary["train_seconds"],
+                            **({"seconds_to_target": summary["seconds_to_target"]}
+                               if summary["seconds_to_target"] is not None else {})})
         log_model(model, normalize(train_data.images[:2], cfg.normalize))
         print(f"train: final test accuracy {summary['final_test_accuracy']:.4f}, best "
               f"{best['test_accuracy']:.4f} (epoch {best['epoch']}), {train_seconds:.1f} s "

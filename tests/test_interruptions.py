@@ -33,9 +33,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from mlflow import MlflowClient
-
 from conftest import REPO, synthetic_digits, write_idx
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import yaml
 from dvc.utils.hydra import compose_and_dump
 from hydra.errors import HydraException
 
-from stages.device import resolve_device
+from stages.device import resolve_device, resolve_precision
 from stages.model import build_model, count_parameters
 from stages.params import ParamsError, load_params, parse_params
 
@@ -307,6 +307,18 @@ def test_auto_and_cpu_devices_resolve():
     assert resolve_device("auto").type in {"cuda", "mps", "cpu"}
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu avx512f avx512_bf16 avx512_fp16", torch.float32),  # this Xeon: fp32 trains faster
+    ("fpu avx512f avx512_bf16 amx_tile amx_bf16", torch.bfloat16),
+    ("fpu sse2 avx2", torch.float32),
+])
+def test_auto_precision_on_a_cpu_takes_bf16_only_with_amx(monkeypatch, flags, expected):
+    monkeypatch.setattr(Path, "read_text", lambda self, *args, **kwargs: f"flags\t: {flags}\n")
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("fp32", torch.device("cpu")) == torch.float32
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+
+
 # --- parameter counts ----------------------------------------------------------------------
 
 PRESET_PARAMS = {
@@ -348,3 +360,4 @@ def test_gap_head_parameter_count(default_params):
     assert backbone + 20 * 7 * 7 * 10 + 10 == 20_978
     assert backbone + 20 * 10 + 10 == 11_378
     assert n_params(with_change(default_params, "model.head", "gap")) == 11_378
+

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, synthetic_digits, write_idx
 
 pytestmark = pytest.mark.slow

@@ -6,10 +6,15 @@ import pytest
 import torch
 
 from stages.data import load_split
-from stages.loop import evaluate, train_one_epoch
+from stages.loop import (
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    time_to_accuracy,
+    train_one_epoch,
+)
 from stages.model import build_model
 from stages.params import parse_params
-from stages.train import make_optimizer, make_scheduler
 
 
 def tiny_params(default_params: dict, **train) -> object:
@@ -77,3 +82,12 @@ def test_onecycle_peaks_at_the_configured_lr(default_params):
         scheduler.step()
     assert max(rates) == pytest.approx(0.2, rel=1e-3)
     assert rates[0] == pytest.approx(0.2 / params.train.onecycle.div_factor)
+
+
+def test_time_to_accuracy_counts_epochs_until_the_first_hit():
+    history = [{"epoch": 1, "test_accuracy": 0.990, "epoch_seconds": 2.0},
+               {"epoch": 2, "test_accuracy": 0.994, "epoch_seconds": 3.0},
+               {"epoch": 3, "test_accuracy": 0.996, "epoch_seconds": 4.0}]
+    assert time_to_accuracy(history, 0.994) == {
+        "epoch_to_target": 2, "seconds_to_target": 5.0, "target_accuracy": 0.994}
+    assert time_to_accuracy(history, 0.999)["seconds_to_target"] is None

@@ -1,0 +1,148 @@
+"""The fast training path computes what the plain one does: epoch-level augmentation, the
+CUDA-graphed forward and backward (on a machine with a CUDA GPU), and the preset
+composition the recipe benchmark uses."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmarks.recipe_time import compose
+from stages.data import load_split, normalize, random_affine
+from stages.loop import (
+    augmented_epoch,
+    evaluate,
+    run_epochs,
+    start_training,
+    training_forward,
+)
+from stages.params import parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted(p.stem for p in (REPO / "conf" / "preset").glob("*.yaml"))
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def small_params(default_params: dict, dropout: bool = True, **train):
+    raw = copy.deepcopy(default_params)
+    if not dropout:  # dropout masks differ between any two runs: leave it out to compare
+        raw["model"]["layers"] = [layer for layer in raw["model"]["layers"] if "dropout" not in layer]
+    raw["train"] = {**raw["train"], "batch_size": 64, "precision": "fp32", **train}
+    return parse_params(raw)
+
+
+def test_epoch_augmentation_warps_every_image_once_like_random_affine(default_params, tiny_mnist):
+    """The epoch's inputs are the per-chunk RandomAffine draws of the same generator,
+    normalised: the same images a step-by-step warp would see, made in a few passes."""
+    params = small_params(default_params)
+    cfg = params.train
+    train = load_split(train=True, root=tiny_mnist)
+    epoch = augmented_epoch(train, cfg, torch.Generator().manual_seed(3))
+    expected = normalize(random_affine(train.images, cfg.augment, torch.Generator().manual_seed(3)),
+                         cfg.normalize)
+    assert epoch.shape == train.images.shape
+    assert torch.allclose(epoch, expected, atol=1e-6)
+    assert not torch.allclose(epoch, normalize(train.images, cfg.normalize))  # it did warp
+    if cfg.channels_last:
+        assert epoch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_epoch_augmentation_draws_anew_each_epoch(default_params, tiny_mnist):
+    params = small_params(default_params)
+    train = load_split(train=True, root=tiny_mnist)
+    generator = torch.Generator().manual_seed(0)
+    first = augmented_epoch(train, params.train, generator)
+    second = augmented_epoch(train, params.train, generator)
+    assert not torch.equal(first, second)
+
+
+def test_without_cuda_the_training_forward_is_the_model_itself(default_params, tiny_mnist):
+    params = small_params(default_params)
+    train = load_split(train=True, root=tiny_mnist)
+    model, *_ = start_training(params, torch.device("cpu"), steps=8, seed=0)
+    assert training_forward(model, train, params.train, torch.float32) is model
+
+
+@pytest.mark.parametrize("preset", ["default", *PRESETS])
+def test_recipe_benchmark_composes_presets_as_dvc_does(preset, tmp_path):
+    """benchmarks.recipe_time needs no DVC (GPU machines lack it), so it composes presets
+    itself; the result must equal what `dvc exp run -S preset=NAME` writes."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    overrides = [] if preset == "default" else [f"preset={preset}"]
+    compose_and_dump(out, str(REPO / "conf"), None, "config", str(tmp_path), overrides)
+    assert compose(preset, REPO / "conf") == yaml.safe_load(out.read_text())
+
+
+def test_recipe_benchmark_refuses_an_unknown_preset():
+    with pytest.raises(SystemExit, match="no preset 'I9'.*known: default, I0"):
+        compose("I9", REPO / "conf")
+
+
+# --- on a CUDA GPU ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exact_cuda():
+    """Plain fp32 matmuls and convolutions (no TF32), so two paths can be compared closely."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@needs_cuda
+def test_graphed_forward_and_backward_match_the_eager_model(default_params, tiny_mnist, exact_cuda):
+    params = small_params(default_params, dropout=False)
+    cfg = params.train
+    train = load_split(train=True, root=tiny_mnist, device=exact_cuda)
+    model, *_ = start_training(params, exact_cuda, steps=8, seed=0)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+
+    forward = training_forward(model, train, cfg, torch.float32)
+
+    assert forward is not model
+    for name, buffer in model.named_buffers():  # the capture's warm-up left no trace
+        assert torch.equal(buffer, buffers[name]), name
+    eager = copy.deepcopy(model)
+    images = augmented_epoch(train, cfg, torch.Generator().manual_seed(1))[64:128]
+    graphed_logits, eager_logits = forward(images), eager(images)
+    graphed_logits.square().sum().backward()
+    eager_logits.square().sum().backward()
+    torch.testing.assert_close(graphed_logits, eager_logits, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):  # BatchNorm statistics
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_cuda
+def test_other_shapes_and_evaluation_run_the_eager_model(default_params, tiny_mnist, exact_cuda):
+    params = small_params(default_params, dropout=False)
+    train = load_split(train=True, root=tiny_mnist, device=exact_cuda)
+    model, *_ = start_training(params, exact_cuda, steps=8, seed=0)
+    forward = training_forward(model, train, params.train, torch.float32)
+    images = augmented_epoch(train, params.train, torch.Generator().manual_seed(1))
+    last_batch = images[:17]  # the epoch's smaller last batch
+    torch.testing.assert_close(forward(last_batch), model(last_batch))
+    model.eval()
+    torch.testing.assert_close(forward(images[:64]), model(images[:64]))
+
+
+@needs_cuda
+def test_training_with_cuda_graphs_learns(default_params, tiny_mnist):
+    device = torch.device("cuda")
+    params = small_params(default_params, lr=0.05, epochs=3)
+    train = load_split(train=True, root=tiny_mnist, device=device)
+    test = load_split(train=False, root=tiny_mnist, device=device)
+    model, optimizer, scheduler, generator = start_training(params, device, steps=8, seed=0)
+    forward = training_forward(model, train, params.train, torch.float32)
+    history = list(run_epochs(model, forward, train, test, optimizer, scheduler, params.train,
+                              256, generator, torch.float32))
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert evaluate(model, test, 256, params.train, torch.float32).accuracy > 0.9
