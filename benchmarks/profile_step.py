@@ -20,7 +20,7 @@ from benchmarks import readme
 from benchmarks.train_throughput import fresh_training
 from stages.data import Split, load_split
 from stages.device import configure, describe, resolve_device, resolve_precision
-from stages.loop import train_one_epoch
+from stages.loop import train_one_epoch, training_forward
 from stages.params import load_params
 
 # Operator-name fragments -> the kind of work they are; the first match wins.
@@ -50,12 +50,15 @@ def profile_steps(params, device: torch.device, train: Split, steps: int,
     bs = params.train.batch_size
     model, optimizer, scheduler, generator = fresh_training(params, device, steps)
     warmup = Split(images=train.images[: 3 * bs], labels=train.labels[: 3 * bs])
-    train_one_epoch(model, warmup, optimizer, scheduler, params.train, generator, dtype, 0)
+    forward = training_forward(model, warmup, params.train, dtype)  # CUDA graphs, on CUDA
+    train_one_epoch(model, warmup, optimizer, scheduler, params.train, generator, dtype, 0,
+                    forward)
     profiled = Split(images=train.images[3 * bs:(3 + steps) * bs],
                      labels=train.labels[3 * bs:(3 + steps) * bs])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
-        train_one_epoch(model, profiled, optimizer, scheduler, params.train, generator, dtype, 1)
+        train_one_epoch(model, profiled, optimizer, scheduler, params.train, generator, dtype, 1,
+                        forward)
     seconds: dict[str, float] = defaultdict(float)
     for event in profiler.key_averages():
         # On a GPU the kernels' device time is the work; on a CPU, the operators' own time.

@@ -36,7 +36,13 @@ from torchvision import datasets, transforms
 
 from benchmarks import readme
 from stages.data import Split, load_split
-from stages.device import configure, cpu_flags, describe, resolve_device, resolve_precision
+from stages.device import (
+    configure,
+    cpu_flags,
+    describe,
+    resolve_device,
+    resolve_precision,
+)
 from stages.loop import (
     make_optimizer,
     make_scheduler,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 import pytest
 import torch
 
 from stages.data import load_split
 from stages.loop import (
-    evaluate,
     make_optimizer,
     make_scheduler,
+    run_epochs,
+    start_training,
     time_to_accuracy,
-    train_one_epoch,
 )
 from stages.model import build_model
 from stages.params import parse_params
@@ -25,24 +27,13 @@ def tiny_params(default_params: dict, **train) -> object:
 
 
 def fit(params, data_root, epochs: int) -> tuple[torch.nn.Module, list[dict]]:
-    torch.manual_seed(params.base.seed)
-    generator = torch.Generator().manual_seed(params.base.seed)
+    """The first `epochs` epochs of the train stage's loop, on the CPU."""
     train = load_split(train=True, root=data_root)
     test = load_split(train=False, root=data_root)
-    model = build_model(params.model)
-    optimizer = make_optimizer(model, params.train)
-    scheduler = make_scheduler(optimizer, params.train, steps=len(train) // 64 + 1)
-    per_batch = scheduler if params.train.scheduler == "onecycle" else None
-    history = []
-    for epoch in range(1, epochs + 1):
-        metrics = train_one_epoch(model, train, optimizer, per_batch, params.train, generator,
-                                  torch.float32, epoch)
-        result = evaluate(model, test, 256, params.train, torch.float32)
-        if params.train.scheduler == "plateau":
-            scheduler.step(result.loss)
-        elif params.train.scheduler == "step":
-            scheduler.step()
-        history.append({**metrics, "test_loss": result.loss, "test_accuracy": result.accuracy})
+    model, optimizer, scheduler, generator = start_training(
+        params, torch.device("cpu"), steps=len(train) // 64 + 1, seed=params.base.seed)
+    history = list(islice(run_epochs(model, model, train, test, optimizer, scheduler,
+                                     params.train, 256, generator, torch.float32), epochs))
     return model, history
 
 
