@@ -9,6 +9,10 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 ITERATIONS := I0 I1 I2 I3
 SEEDS := seed000 seed001 seed002 seed003
+# Random seeds per preset (0..REPEATS-1), and experiments run at once (on a 2-core CPU,
+# parallel runs only share the cores).
+REPEATS ?= 3
+JOBS ?= 1
 
 .PHONY: setup repro test test-fast ui iterations seeds results bench bench-overheads profile recipes same-recipe plots params clean-venv
 
@@ -34,19 +38,17 @@ ui: setup  ## MLflow UI on this repo's store, local only
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-# Queue one named experiment per preset and run the queue (one at a time: on a 2-core CPU
-# parallel runs only share the cores). -f replaces an experiment of the same name and
-# reruns it even when the run cache could skip it, so running this twice is safe.
-iterations: setup  ## seed 004's changelog, I0 to I3, as DVC experiments + MLflow runs
-	for preset in $(ITERATIONS); do dvc exp run --queue -f -n $$preset -S preset=$$preset; done
-	dvc exp run --run-all -j 1
+# Each preset REPEATS times, random seeds 0..REPEATS-1, as DVC experiments <preset>-s<seed>
+# and one MLflow parent run per preset (tools/repeats.py). -f replaces an experiment of the
+# same name and reruns it even when the run cache could skip it, so rerunning is safe.
+iterations: setup  ## seed 004's changelog, I0 to I3, REPEATS random seeds each
+	$(BIN)/python -m tools.repeats --repeats "$(REPEATS)" --jobs "$(JOBS)" $(ITERATIONS)
 
-seeds: setup  ## seeds 000 to 003, as DVC experiments + MLflow runs
-	for preset in $(SEEDS); do dvc exp run --queue -f -n $$preset -S preset=$$preset; done
-	dvc exp run --run-all -j 1
+seeds: setup  ## seeds 000 to 003's recipes, REPEATS random seeds each
+	$(BIN)/python -m tools.repeats --repeats "$(REPEATS)" --jobs "$(JOBS)" $(SEEDS)
 
-results: setup  ## rewrite the README's results table from `dvc exp show`
-	$(BIN)/python -m benchmarks.results_table --readme
+results: setup  ## rewrite the README's results table and figure from `dvc exp show`
+	$(BIN)/python -m benchmarks.results_table --repeats "$(REPEATS)" --readme
 
 bench: setup  ## training throughput: the seeds' way vs this pipeline, and the hardware floor
 	$(BIN)/python -m benchmarks.train_throughput $(BENCH_ARGS)

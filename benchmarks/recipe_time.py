@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from benchmarks import readme
-from benchmarks.results_table import REPORTED
+from benchmarks.results_table import reported as reported_figures
 from benchmarks.train_throughput import sync
 from stages.data import load_split, steps_per_epoch
 from stages.device import configure, describe, resolve_device, resolve_precision
@@ -87,13 +87,14 @@ def time_recipe(params: Params, device: torch.device, train, test) -> dict:
 
 
 def row(preset: str, params: Params, result: dict) -> str:
-    reported = REPORTED.get(preset)
+    claim = reported_figures().get(preset)
+    reported = f"{claim['final']:.2%}" if claim else "-"
     target = (f"{result['seconds_to_target']:.1f} s (epoch {result['epoch_to_target']})"
               if result["seconds_to_target"] is not None else "not reached")
     return (f"| {preset} | {result['params']:,} | {params.train.epochs} | "
             f"{params.train.batch_size} | {str(result['dtype']).removeprefix('torch.')} | "
             f"{result['final']:.2%} | {result['best']['test_accuracy']:.2%} "
-            f"({result['best']['epoch']}) | {f'{reported[1]:.2%}' if reported else '-'} | "
+            f"({result['best']['epoch']}) | {reported} | "
             f"{result['seconds']:.1f} | {target} |")
 
 

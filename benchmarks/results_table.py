@@ -1,36 +1,48 @@
-"""The README's results table, generated from the DVC experiments (never typed by hand).
+"""The README's results table and figure, generated from the DVC experiments (never typed).
 
-    python -m benchmarks.results_table            # print the table
-    python -m benchmarks.results_table --readme   # also rewrite it (and the default run) in README.md
+    python -m benchmarks.results_table                # print the table
+    python -m benchmarks.results_table --readme       # also rewrite it in README.md
     python -m benchmarks.results_table --default-only --readme   # just the default run's line
 
-Reads `dvc exp show --json`: for every experiment named after a preset (I0..I3,
-seed000..seed003) it takes the measured parameter count, final and best test accuracy,
-epochs, device and training time from the files the pipeline wrote, and sets them beside
-what the seed's README reports.
+Reads `dvc exp show --json -A`. Every experiment named `<preset>-s<seed>` (what
+`make iterations` / `make seeds` queue, tools/repeats.py) is one repeat of its preset; a
+name run twice counts once, its newest run. Per preset the table gives the final-epoch test
+accuracy over the repeats (n, mean, sample standard deviation, min to max), the mean best
+epoch, and what the source README reports (conf/reported.yaml).
+
+The verdict: "reproduced" when the mean reaches the reported figure minus one standard error
+of the mean (sd / sqrt(n)); otherwise the shortfall in points and in standard errors. With
+fewer than two repeats there is no spread, so no verdict. A preset with fewer repeats than
+`--repeats` is marked incomplete.
+
+The figure (reports/results.png): mean final accuracy with +-1 sd error bars against
+parameters, one point per preset, the reported figures drawn beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import readme
+import yaml
 
-# What each seed's README claims: (parameters, test accuracy, where the figure comes from).
-REPORTED = {
-    "I0": (18_060, 0.980, "seed 004 changelog, I0"),
-    "I1": (20_978, 0.996, "seed 004 changelog, I1"),
-    "I2": (19_494, 0.996, "seed 004 changelog, I2"),
-    "I3": (14_500, 0.996, "seed 004 changelog, I3"),
-    "seed000": (16_034, 0.9941, "best epoch (15) of its log"),
-    "seed001": (7_776, 0.9944, "best epoch (10) of its log"),
-    "seed002": (13_034, 0.994, "\"above 99.4%\", no log"),
-    "seed003": (15_440, 0.9954, "best epoch (18) of its log"),
-}
+from benchmarks import readme
+from stages.files import write_atomic
+
+REPORTED_FILE = Path("conf/reported.yaml")
+FIGURE = Path("reports/results.png")
+REPEAT_NAME = re.compile(r"^(?P<preset>[\w.]+)-s(?P<seed>\d+)$")
+
+
+def reported() -> dict[str, dict]:
+    return yaml.safe_load(REPORTED_FILE.read_text())
 
 
 def experiments(show: list) -> dict[str, dict]:
@@ -63,30 +75,107 @@ def file_data(data: dict, section: str, path: str) -> dict:
     return (data.get(section, {}).get(path) or {}).get("data") or {}
 
 
-def rows(found: dict[str, dict]) -> list[str]:
-    lines = ["| experiment | parameters (reported) | final test acc | best test acc (epoch) | "
-             "reported | final - reported | epochs | random seed | device | train time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
-    for name, (params, accuracy, source) in REPORTED.items():
-        data = found.get(name)
-        if data is None:
-            lines.append(f"| {name} | ({params:,}) | not run | | {accuracy:.2%} | | | | | |")
-            continue
+@dataclass(frozen=True)
+class Repeat:
+    """One finished run of a preset with one random seed."""
+
+    seed: int
+    final: float        # final-epoch test accuracy
+    best_epoch: int
+    parameters: int
+    epochs: int
+    device: str
+
+
+def repeats_by_preset(found: dict[str, dict]) -> dict[str, list[Repeat]]:
+    groups: dict[str, list[Repeat]] = {}
+    for name, data in found.items():
+        match = REPEAT_NAME.match(name)
         train = file_data(data, "metrics", "reports/train_metrics.json")
         final = file_data(data, "metrics", "reports/metrics.json").get("test_accuracy")
-        gap = (final - accuracy) * 100 if final is not None else None
-        seed = file_data(data, "params", "params.yaml").get("base", {}).get("seed", "?")
+        if not match or final is None or not train:
+            continue
+        groups.setdefault(match["preset"], []).append(Repeat(
+            seed=int(match["seed"]), final=final, best_epoch=train["best_epoch"],
+            parameters=train["params"], epochs=train["epochs"], device=train["device"]))
+    return {preset: sorted(runs, key=lambda r: r.seed) for preset, runs in groups.items()}
+
+
+def summarize(runs: list[Repeat]) -> dict:
+    finals = [run.final for run in runs]
+    n = len(finals)
+    sd = statistics.stdev(finals) if n > 1 else None
+    return {"n": n, "mean": statistics.fmean(finals), "sd": sd,
+            "sem": sd / math.sqrt(n) if sd is not None else None,
+            "min": min(finals), "max": max(finals),
+            "best_epoch": statistics.fmean(run.best_epoch for run in runs)}
+
+
+def verdict(stats: dict, target: float) -> str:
+    if stats["sem"] is None:
+        return "no verdict (n < 2)"
+    if stats["mean"] >= target - stats["sem"]:
+        return "reproduced"
+    gap = target - stats["mean"]
+    return f"short by {gap * 100:.2f} pt ({gap / stats['sem']:.1f} SE)" if stats["sem"] else \
+        f"short by {gap * 100:.2f} pt"
+
+
+def rows(groups: dict[str, list[Repeat]], claims: dict[str, dict], planned: int) -> list[str]:
+    lines = ["| preset | parameters | epochs | n | final test acc, mean +- sd | min to max | "
+             "mean best epoch | reported (final) | verdict | device |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for preset, claim in claims.items():
+        runs = groups.get(preset, [])
+        target = f"{claim['final']:.2%} ({claim['source']})"
+        if not runs:
+            lines.append(f"| {preset} | ({claim['parameters']:,}) | | 0 | not run | | | "
+                         f"{target} | | |")
+            continue
+        stats = summarize(runs)
+        n = f"{stats['n']}" if stats["n"] >= planned else f"{stats['n']} of {planned} (incomplete)"
+        spread = "" if stats["sd"] is None else f" +- {stats['sd'] * 100:.2f} pt"
+        devices = ", ".join(sorted({run.device for run in runs}))
         lines.append(
-            f"| {name} | {train.get('params', 0):,} ({params:,}) | {_pct(final)} | "
-            f"{_pct(train.get('best_test_accuracy'))} ({train.get('best_epoch', '?')}) | "
-            f"{accuracy:.2%} ({source}) | "
-            f"{'' if gap is None else f'{gap:+.2f} pt'} | {train.get('epochs', '?')} | {seed} | "
-            f"{train.get('device', '?')} | {train.get('train_seconds', 0):.0f} s |")
+            f"| {preset} | {runs[0].parameters:,} | {runs[0].epochs} | {n} | "
+            f"{stats['mean']:.2%}{spread} | {stats['min']:.2%} to {stats['max']:.2%} | "
+            f"{stats['best_epoch']:.1f} | {target} | {verdict(stats, claim['final'])} | "
+            f"{devices} |")
     return lines
+
+
+def plot(groups: dict[str, list[Repeat]], claims: dict[str, dict], path: Path = FIGURE) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for preset, claim in claims.items():
+        ax.scatter(claim["parameters"], claim["final"] * 100, marker="x", color="grey",
+                   zorder=2, label="reported" if preset == next(iter(claims)) else None)
+        runs = groups.get(preset)
+        if not runs:
+            continue
+        stats = summarize(runs)
+        ax.errorbar(runs[0].parameters, stats["mean"] * 100, yerr=(stats["sd"] or 0) * 100,
+                    fmt="o", capsize=4, color="tab:blue", zorder=3,
+                    label="measured, mean +- sd" if preset == next(iter(groups)) else None)
+        ax.annotate(f"{preset} (n={stats['n']})", (runs[0].parameters, stats["mean"] * 100),
+                    textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax.set(xlabel="parameters", ylabel="final-epoch test accuracy (%)",
+           title="Measured vs reported test accuracy (MNIST, 10,000 test images)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
 
 
 def default_run() -> list[str]:
     """The workspace's own run (what `make repro` on params.yaml produced)."""
+    if not Path("reports/train_metrics.json").exists():
+        return ["No default run in this workspace yet (`make repro` makes one)."]
     train = json.loads(Path("reports/train_metrics.json").read_text())
     final = json.loads(Path("reports/metrics.json").read_text())
     preset = json.loads(Path("reports/model_report.json").read_text())["preset"]
@@ -107,13 +196,11 @@ def default_run() -> list[str]:
     ]
 
 
-def _pct(value: float | None) -> str:
-    return "?" if value is None else f"{value:.2%}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="repeats a preset should have; fewer is marked incomplete")
     parser.add_argument("--default-only", action="store_true",
                         help="only the workspace's own run (needs no DVC experiments)")
     args = parser.parse_args()
@@ -125,9 +212,11 @@ def main() -> None:
         return
     command = [sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"]
     show = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    table = rows(experiments(show))
+    groups, claims = repeats_by_preset(experiments(show)), reported()
+    table = rows(groups, claims, args.repeats)
+    plot(groups, claims)
     default = default_run()
-    print("\n".join(default + [""] + table))
+    print("\n".join(default + [""] + table + ["", f"figure: {FIGURE}"]))
     if args.readme:
         readme.update({"results": table, "default": default})
 

@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import MNIST
 
-from stages.params import (
+from stages import mnist
+from stages.files import md5_of_file
+from stages.mnist import (
+    DATA_ROOT,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
     IMAGE_SIZE,
     NUM_CLASSES,
-    Augment,
-    Normalize,
 )
-
-DATA_ROOT = Path("data")
+from stages.params import Augment, Normalize
 
 
 class DataError(RuntimeError):
@@ -42,14 +42,22 @@ class Split:
 
 
 def load_split(train: bool, root: Path = DATA_ROOT, limit: int = 0,
-               device: torch.device | str = "cpu") -> Split:
-    """Read one MNIST split with torchvision's reader; `limit` keeps the first N images."""
-    prefix = "train" if train else "t10k"
+               device: torch.device | str = "cpu", verify_md5: bool = True) -> Split:
+    """Read one MNIST split with torchvision's reader; `limit` keeps the first N images.
+    `verify_md5` (the `data.verify_md5` param) checks both files against MNIST's checksums
+    first, so a damaged file of the right size is refused instead of trained on."""
     raw = Path(root) / "MNIST" / "raw"
-    images_file, labels_file = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    images_file, labels_file = (raw / name for name in mnist.split_files(train))
     # torchvision's reader asserts on a bad header (or crashes on a short file): check first.
     n_images = check_idx(images_file, IDX_IMAGES_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
     n_labels = check_idx(labels_file, IDX_LABELS_MAGIC, ())
+    if verify_md5:
+        for path in (images_file, labels_file):
+            found, expected = md5_of_file(path), mnist.FILES[path.name]
+            if found != expected:
+                raise DataError(f"{path} has md5 {found}, not MNIST's {expected}: the file is "
+                                f"damaged or not MNIST; run `dvc repro download` to fetch a "
+                                f"good copy")
     if n_images != n_labels:
         raise DataError(f"{images_file} holds {n_images} images but {labels_file} holds "
                         f"{n_labels} labels; run `dvc repro download` to fetch a good copy")
@@ -162,11 +170,17 @@ def random_affine(images: torch.Tensor, cfg: Augment, generator: torch.Generator
 
 def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None,
                   device: torch.device | str) -> list[torch.Tensor]:
-    """Index slices that cover 0..n-1 once; the last batch may be smaller."""
+    """Index slices that cover 0..n-1 once; the last batch may be smaller, but never a
+    batch of one image after others: that one joins the batch before it (BatchNorm cannot
+    train on a single value per channel, which one image on a 1x1 map gives it)."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    order = order.to(device)
-    return list(order.split(batch_size))
+    batches = list(order.to(device).split(batch_size))
+    if batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)
+    """len(batch_indices(n, batch_size, ...))."""
+    steps = math.ceil(n / batch_size)
+    return steps - 1 if batch_size > 1 and steps > 1 and n % batch_size == 1 else steps

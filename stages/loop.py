@@ -11,6 +11,7 @@ once as CUDA graphs and replayed (`train.cuda_graphs`).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stages.data import Split, batch_indices, normalize, random_affine
+from stages.mnist import NUM_CLASSES
 from stages.model import build_model
 from stages.params import Params, Train
 
@@ -30,6 +32,13 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 AUGMENT_CHUNK = 8192
 # The bar the seeds report against ("above 99.4 %"): a run's summary says when it first met it.
 TARGET_ACCURACY = 0.994
+# Guessing uniformly scores a cross-entropy of ln(10) = 2.30. An epoch whose mean loss is ten
+# times that (or not a number at all) has diverged: its weights are no longer worth keeping.
+DIVERGED_LOSS = 10 * math.log(NUM_CLASSES)
+
+
+class TrainingDiverged(RuntimeError):
+    """An epoch ended with a non-finite or exploded loss."""
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -207,6 +216,7 @@ def run_epochs(model: nn.Module, forward: Forward, train: Split, test: Split,
         metrics = train_one_epoch(model, train, optimizer, per_batch, cfg, generator, dtype,
                                   epoch, forward)
         result = evaluate(model, test, eval_batch_size, cfg, dtype)
+        check_converging(epoch, metrics["train_loss"], result.loss, cfg)
         if cfg.scheduler == "plateau":
             scheduler.step(result.loss)
         elif cfg.scheduler == "step":
@@ -214,6 +224,18 @@ def run_epochs(model: nn.Module, forward: Forward, train: Split, test: Split,
         yield {"epoch": epoch, **metrics, "test_loss": result.loss,
                "test_accuracy": result.accuracy, "lr": lr,
                "epoch_seconds": time.perf_counter() - started}
+
+
+def check_converging(epoch: int, train_loss: float, test_loss: float, cfg: Train) -> None:
+    """Stop a run whose epoch ended diverged, before anything of that epoch is saved."""
+    for name, loss in (("training", train_loss), ("test", test_loss)):
+        if not math.isfinite(loss) or loss > DIVERGED_LOSS:
+            clip = ("set train.grad_clip (e.g. 1.0)" if cfg.grad_clip == 0
+                    else f"lower train.grad_clip (now {cfg.grad_clip:g})")
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch}: the mean {name} loss is {loss:.4g} "
+                f"(guessing scores {math.log(NUM_CLASSES):.2f}); lower train.lr (now "
+                f"{cfg.lr:g}) or {clip}")
 
 
 def time_to_accuracy(history: list[dict], target: float) -> dict:

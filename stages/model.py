@@ -11,11 +11,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from stages.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES
 from stages.params import (
-    IMAGE_SIZE,
-    IN_CHANNELS,
-    NUM_CLASSES,
     ConvLayer,
+    Dropout2dLayer,
     DropoutLayer,
     MaxPoolLayer,
     Model,
@@ -24,7 +23,8 @@ from stages.params import (
 
 
 def build_model(cfg: Model) -> nn.Sequential:
-    """Layers named conv1, bn1, relu1, pool1, ... so reports and state dicts read clearly."""
+    """Layers named conv1, bn1, relu1, pool1, ... so reports and state dicts read clearly.
+    Shapes come from `cfg.walk()`, the same walk that validated them."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     counts: dict[str, int] = {}
 
@@ -32,48 +32,42 @@ def build_model(cfg: Model) -> nn.Sequential:
         counts[kind] = counts.get(kind, 0) + 1
         layers[f"{kind}{counts[kind]}"] = module
 
-    channels = IN_CHANNELS
-    for layer in cfg.layers:
+    shapes = cfg.walk()
+    for shape in shapes:
+        layer = shape.layer
         if isinstance(layer, ConvLayer):
-            add("conv", nn.Conv2d(channels, layer.conv, layer.kernel,
+            add("conv", nn.Conv2d(shape.in_channels, shape.channels, layer.kernel,
                                   padding=cfg.conv_padding(layer), bias=cfg.bias))
-            channels = layer.conv
-            if cfg.batchnorm if layer.bn is None else layer.bn:
-                add("bn", nn.BatchNorm2d(channels))
-            if layer.relu:
-                add("relu", nn.ReLU())
+            after = {"bn": shape.batchnorm, "relu": layer.relu}
+            for kind in ("relu", "bn") if cfg.order == "relu_bn" else ("bn", "relu"):
+                if after[kind]:
+                    add(kind, nn.BatchNorm2d(shape.channels) if kind == "bn" else nn.ReLU())
         elif isinstance(layer, TransitionLayer):
             add("pool", nn.MaxPool2d(2))
-            add("conv", nn.Conv2d(channels, layer.transition, 1, bias=cfg.bias))
-            channels = layer.transition
+            add("conv", nn.Conv2d(shape.in_channels, shape.channels, 1, bias=cfg.bias))
             if layer.relu:
                 add("relu", nn.ReLU())
         elif isinstance(layer, MaxPoolLayer):
             add("pool", nn.MaxPool2d(layer.maxpool))
         elif isinstance(layer, DropoutLayer):
             add("dropout", nn.Dropout(layer.dropout))
+        elif isinstance(layer, Dropout2dLayer):
+            add("dropout", nn.Dropout2d(layer.dropout2d))
 
+    last = shapes[-1]
     if cfg.head == "fc":
         layers["flatten"] = nn.Flatten()
-        layers["fc"] = nn.Linear(channels * feature_map_size(cfg) ** 2, NUM_CLASSES, bias=cfg.bias)
+        layers["fc"] = nn.Linear(last.channels * last.size ** 2, NUM_CLASSES, bias=cfg.bias)
     else:  # gap: a 1x1 conv on the pooled 1x1 map is a linear classifier without flattening first
         layers["gap"] = nn.AdaptiveAvgPool2d(1)
-        layers["classifier"] = nn.Conv2d(channels, NUM_CLASSES, 1, bias=cfg.bias)
+        layers["classifier"] = nn.Conv2d(last.channels, NUM_CLASSES, 1, bias=cfg.bias)
         layers["flatten"] = nn.Flatten()
     return nn.Sequential(layers)
 
 
 def feature_map_size(cfg: Model) -> int:
-    """Side of the last feature map for a 28x28 input (params validation checked it is >= 1)."""
-    size = IMAGE_SIZE
-    for layer in cfg.layers:
-        if isinstance(layer, ConvLayer):
-            size = size + 2 * cfg.conv_padding(layer) - layer.kernel + 1
-        elif isinstance(layer, TransitionLayer):
-            size //= 2
-        elif isinstance(layer, MaxPoolLayer):
-            size //= layer.maxpool
-    return size
+    """Side of the last feature map for a 28x28 input."""
+    return cfg.walk()[-1].size
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

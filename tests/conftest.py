@@ -1,14 +1,15 @@
-"""Shared fixtures: a tiny synthetic MNIST (so tests never need the real download or
-../shared) and a params factory that starts from the repo's own params.yaml."""
+"""Shared fixtures: a tiny synthetic MNIST (so tests never need the real download or the
+network) and a params factory that starts from the repo's own params.yaml."""
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+from stages import mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,11 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 def write_idx(raw_dir: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Write images (uint8 [N, 28, 28]) and labels as the two IDX files torchvision reads."""
     raw_dir.mkdir(parents=True, exist_ok=True)
-    n = len(labels)
     (raw_dir / f"{prefix}-images-idx3-ubyte").write_bytes(
-        struct.pack(">IIII", 2051, n, 28, 28) + images.astype(np.uint8).tobytes())
+        mnist.idx_images(images.astype(np.uint8).tobytes(), len(images)))
     (raw_dir / f"{prefix}-labels-idx1-ubyte").write_bytes(
-        struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
+        mnist.idx_labels(labels.astype(np.uint8).tobytes()))
 
 
 def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

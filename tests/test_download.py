@@ -529,7 +529,7 @@ def test_main_exits_with_one_line_on_params_error(
     with pytest.raises(SystemExit) as caught:
         download.main()
     message = str(caught.value.code)
-    assert message.startswith("error: ") and "data.timeout_s" in message
+    assert message.startswith("download: error: ") and "data.timeout_s" in message
     assert not (tmp_path / "data").exists()
 
 
@@ -543,7 +543,7 @@ def test_main_exits_with_message_on_download_error(
     with pytest.raises(SystemExit) as caught:
         download.main()
     message = str(caught.value.code)
-    assert message.startswith("error: could not get ") and empty_mirror in message
+    assert message.startswith("download: error: could not get ") and empty_mirror in message
     assert _listing(tmp_path / download.RAW_DIR) == []
 
 

@@ -35,7 +35,8 @@ from torch import nn
 
 from stages.evaluate import parameter_report
 from stages.model import build_model, count_parameters, feature_map_size
-from stages.params import IMAGE_SIZE, NUM_CLASSES, Params, ParamsError, parse_params
+from stages.mnist import IMAGE_SIZE, NUM_CLASSES
+from stages.params import Params, ParamsError, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 # Loaded once: hypothesis runs many examples per test, function-scoped fixtures would not reset.

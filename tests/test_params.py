@@ -38,7 +38,7 @@ DELETE = object()  # a table value that removes the key instead of setting it
 
 def compose(out: Path, overrides: list[str]) -> dict:
     """params.yaml as `dvc exp run -S ...` would write it from conf/; returned as a dict."""
-    compose_and_dump(out, str(CONF), None, "config", ".", overrides)
+    compose_and_dump(out, str(CONF), None, "config", str(REPO), overrides)
     return yaml.safe_load(out.read_text())
 
 
@@ -91,8 +91,8 @@ BAD_VALUES = [
     unknown("hyperparams", {"lr": 0.1}, "base, data, evaluate, model, train",
             id="top-level unknown section"),
     unknown("base.sead", 1, "preset, seed", id="base: typo seed"),
-    unknown("data.mirror", ["https://example.com/"], "mirrors", id="data: typo mirrors"),
-    unknown("model.heads", "gap", "batchnorm, bias, head, layers, padding",
+    unknown("data.mirror", ["https://example.com/"], "mirrors", "verify_md5", id="data: typo mirrors"),
+    unknown("model.heads", "gap", "batchnorm, bias, head, layers, order, padding",
             id="model: typo head"),
     unknown("train.learning_rate", 0.1, "lr", "epochs", "optimizer", id="train: typo lr"),
     unknown("train.augment.rotate", 10, "degrees", "translate",
@@ -253,6 +253,20 @@ def test_unknown_preset_names_the_choices(tmp_path):
     assert "preset/nope" in message
     for name in PRESETS:
         assert f"\t{name}\n" in message or message.endswith(f"\t{name}"), message
+    assert not (tmp_path / "params.yaml").exists()
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("name", ["../config", "../../tests/evil", "I1/../../config"])
+def test_preset_outside_conf_preset_is_refused(tmp_path, name):
+    """Hydra would load any YAML file a `..` path reaches; hydra_plugins/ keeps choices in
+    conf/preset/ (conf/config.yaml itself is one such file: `preset=../config`)."""
+    with pytest.raises(HydraException) as caught:
+        compose(tmp_path / "params.yaml", [f"preset={name}"])
+    message = str(caught.value)
+    assert f"Could not find 'preset/{name}'" in message, message
+    for preset in PRESETS:
+        assert f"\t{preset}\n" in message or message.endswith(f"\t{preset}"), message
     assert not (tmp_path / "params.yaml").exists()
 
 

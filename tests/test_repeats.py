@@ -1,0 +1,162 @@
+"""Repeated recipes (tools/repeats.py) and the statistics of the results table
+(benchmarks/results_table.py).
+
+* bad REPEATS, JOBS or preset names are refused in one line before anything is queued;
+* aggregates, the table's mean and standard deviation and its verdicts equal values worked
+  out by hand;
+* an MLflow group with a missing repeat closes incomplete, keeping what finished;
+* end to end on tiny data: 2 presets x 2 random seeds give 4 child runs under 2 parents
+  whose aggregates are exactly those of their children, and a rerun of one preset
+  supersedes its group without touching the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from conftest import REPO
+from mlflow import MlflowClient
+from test_pipeline import BIN, run, tiny_project
+
+from benchmarks.results_table import Repeat, rows, summarize, verdict
+from stages.tracking import MEMBERS_TAG, PARENT_TAG
+from tools.repeats import aggregate, close_group, open_group
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0", "I1"], "tools.repeats: error: REPEATS='0': should be a whole number of at least 1"),
+    (["--repeats", "three", "I1"], "tools.repeats: error: REPEATS='three': should be a whole number"),
+    (["--repeats", "-2", "I1"], "tools.repeats: error: REPEATS='-2': should be a whole number"),
+    (["--jobs", "0", "I1"], "tools.repeats: error: JOBS='0': should be a whole number of at least 1"),
+    (["I1", "I9"], "tools.repeats: error: preset 'I9' does not exist; the presets are I0, I1, I2, I3, "
+                   "seed000"),
+    (["../conf/config"], "tools.repeats: error: preset '../conf/config' does not exist"),
+    (["--set", "train.epochs", "I1"], "tools.repeats: error: --set 'train.epochs': should be KEY=VALUE"),
+])
+def test_bad_arguments_are_refused_before_anything_is_queued(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "tools.repeats", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=60,
+                            env={"PATH": str(BIN), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    assert result.returncode == 2
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "m.db").exists()  # not even the tracking store was opened
+
+
+# --- statistics worked out by hand ------------------------------------------------------------
+
+
+def test_aggregate_of_known_values():
+    stats = aggregate([0.9950, 0.9960, 0.9970])
+    assert stats["n_runs"] == 3
+    assert stats["final_test_accuracy_mean"] == pytest.approx(0.9960, abs=1e-12)
+    assert stats["final_test_accuracy_std"] == pytest.approx(0.0010, abs=1e-12)
+    assert (stats["final_test_accuracy_min"], stats["final_test_accuracy_max"]) == (0.9950, 0.9970)
+    assert aggregate([0.99])["final_test_accuracy_std"] == 0.0
+    assert aggregate([]) == {"n_runs": 0}
+
+
+def repeats(*finals: float, best_epochs=None) -> list[Repeat]:
+    best_epochs = best_epochs or [10] * len(finals)
+    return [Repeat(seed=i, final=f, best_epoch=b, parameters=14_500, epochs=15, device="cpu")
+            for i, (f, b) in enumerate(zip(finals, best_epochs))]
+
+
+def test_summary_mean_sd_and_sem_of_hand_made_runs():
+    stats = summarize(repeats(0.9940, 0.9950, 0.9966, best_epochs=[9, 12, 15]))
+    assert stats["n"] == 3
+    assert stats["mean"] == pytest.approx(0.9952, abs=1e-12)
+    # deviations -12, -2, +14 (in 1e-4): sum of squares 344e-8, / (n - 1) = 172e-8
+    assert stats["sd"] == pytest.approx(math.sqrt(172e-8), rel=1e-9)
+    assert stats["sem"] == pytest.approx(math.sqrt(172e-8) / math.sqrt(3), rel=1e-9)
+    assert (stats["min"], stats["max"], stats["best_epoch"]) == (0.9940, 0.9966, 12)
+
+
+@pytest.mark.parametrize("finals, target, expected", [
+    ((0.9950, 0.9960, 0.9970), 0.996, "reproduced"),            # mean == target
+    ((0.9945, 0.9955, 0.9965), 0.996, "reproduced"),            # 0.05 pt short < 1 SE (0.058)
+    ((0.9930, 0.9935, 0.9940), 0.996, "short by 0.25 pt (8.7 SE)"),
+    ((0.9950,), 0.996, "no verdict (n < 2)"),
+])
+def test_verdict_rule(finals, target, expected):
+    assert verdict(summarize(repeats(*finals)), target) == expected
+
+
+def test_table_marks_short_groups_incomplete_and_unrun_presets():
+    claims = {"I3": {"source": "seed 004", "parameters": 14_500, "final": 0.996},
+              "I1": {"source": "seed 004", "parameters": 20_978, "final": 0.996}}
+    header, _, i3, i1 = rows({"I3": repeats(0.9950, 0.9960)}, claims, planned=3)
+    cells = [cell.strip() for cell in i3.split("|")[1:-1]]
+    assert cells[:6] == ["I3", "14,500", "15", "2 of 3 (incomplete)", "99.55% +- 0.07 pt",
+                         "99.50% to 99.60%"]
+    assert "not run" in i1 and header.startswith("| preset |")
+
+
+# --- MLflow groups, by hand -------------------------------------------------------------------
+
+
+def test_group_with_a_missing_repeat_closes_incomplete(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.create_experiment("mnist-cnn")
+    parent = open_group(client, experiment_id, "I3", ["I3-s0", "I3-s1", "I3-s2"])
+    for name, status, accuracy in (("I3-s0", "FINISHED", 0.995), ("I3-s1", "FAILED", None),
+                                   ("I3-s0", "FINISHED", 0.997)):  # s0 rerun: its last counts
+        child = client.create_run(experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": parent, "dvc_exp_name": name})
+        if accuracy is not None:
+            client.log_metric(child.info.run_id, "final_test_accuracy", accuracy)
+        client.set_terminated(child.info.run_id, status)
+    stats = close_group(client, experiment_id, parent)
+    assert (stats["n_runs"], stats["complete"], stats["planned"]) == (1, False, 3)
+    run_ = client.get_run(parent)
+    assert run_.info.status == "FINISHED" and run_.data.tags["complete"] == "false"
+    assert run_.data.metrics["final_test_accuracy_mean"] == 0.997
+
+
+# --- end to end: 2 presets x 2 random seeds on tiny data --------------------------------------
+
+
+@pytest.mark.slow
+def test_two_presets_two_seeds_make_two_groups_of_two(tmp_path):
+    project = tiny_project(tmp_path / "project")
+    tiny = ["--set", "train.epochs=1", "--set", "train.lr=0.05", "--set", "train.batch_size=128"]
+    run([str(BIN / "python"), "-m", "tools.repeats", "--repeats", "2", *tiny, "I1", "I3"], project)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-cnn")
+    parents = {run_.info.run_name: run_ for run_ in client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.{PARENT_TAG} != ''")}
+    assert sorted(parents) == ["I1", "I3"]
+    for preset, parent in parents.items():
+        assert json.loads(parent.data.tags[MEMBERS_TAG]) == [f"{preset}-s0", f"{preset}-s1"]
+        children = client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert sorted(child.info.run_name for child in children) == [f"{preset}-s0", f"{preset}-s1"]
+        assert {child.data.params["base.seed"] for child in children} == {"0", "1"}
+        finals = [child.data.metrics["final_test_accuracy"] for child in children]
+        assert parent.data.metrics["n_runs"] == 2 and parent.data.tags["complete"] == "true"
+        assert parent.data.metrics["final_test_accuracy_mean"] == statistics.fmean(finals)
+        assert parent.data.metrics["final_test_accuracy_std"] == statistics.stdev(finals)
+
+    # The table reads the same four experiments from DVC.
+    table = run([str(BIN / "python"), "-m", "benchmarks.results_table", "--repeats", "2"],
+                project).stdout
+    assert [line.split("|")[4].strip() for line in table.splitlines()
+            if line.startswith(("| I1 ", "| I3 "))] == ["2", "2"]
+
+    # A rerun of I1 supersedes its group and leaves I3's alone.
+    run([str(BIN / "python"), "-m", "tools.repeats", "--repeats", "1", *tiny, "I1"], project)
+    after = {run_.info.run_id: run_ for run_ in client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.{PARENT_TAG} != ''")}
+    assert "superseded_by" in after[parents["I1"].info.run_id].data.tags
+    assert "superseded_by" not in after[parents["I3"].info.run_id].data.tags
+    mlflow.set_tracking_uri(None)

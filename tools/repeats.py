@@ -1,0 +1,141 @@
+"""Repeat recipes with several random seeds: DVC experiments, grouped in MLflow.
+
+    python -m tools.repeats --repeats 3 I1 I2 I3        (`make iterations REPEATS=3`)
+    python -m tools.repeats --repeats 2 --set train.epochs=1 I1 I3    (a smoke run)
+
+One accuracy figure from one random seed is an anecdote: on a 10,000-image test set two runs
+of the same recipe differ by a tenth of a point. For every preset this queues one DVC
+experiment per random seed 0..N-1, named `<preset>-s<seed>` (`dvc exp run --queue -f -n
+I3-s0 -S preset=I3 -S base.seed=0`), runs the queue, and groups the runs in MLflow: one
+parent run per preset, named after it, whose children are its repeats and which carries
+their aggregates (n, mean, standard deviation, min and max of the final test accuracy).
+
+Starting a group supersedes the preset's earlier group (tag `superseded_by`); other presets'
+groups are not touched. A group cut short (Ctrl-C, a failed run) still gets the aggregates of
+the repeats that finished and is tagged `complete: false`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from stages import tracking
+from stages.params import preset_names
+from stages.tracking import MEMBERS_TAG, PARENT_TAG
+
+
+def experiment_name(preset: str, seed: int) -> str:
+    return f"{preset}-s{seed}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tools.repeats", description=__doc__.split("\n")[0])
+    parser.add_argument("presets", nargs="+", help="names from conf/preset/")
+    parser.add_argument("--repeats", default="3", help="random seeds per preset: 0..N-1")
+    parser.add_argument("--jobs", default="1", help="experiments run at once")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every run (dvc exp run -S)")
+    args = parser.parse_args(argv)
+    # One line naming the bad value and what is allowed, before anything is queued.
+    for option in ("repeats", "jobs"):
+        value = getattr(args, option)
+        if not value.isdigit() or int(value) < 1:
+            parser.exit(2, f"tools.repeats: error: {option.upper()}={value!r}: should be a "
+                           f"whole number of at least 1\n")
+        setattr(args, option, int(value))
+    known = preset_names()
+    unknown = [name for name in args.presets if name not in known]
+    if unknown:
+        parser.exit(2, f"tools.repeats: error: preset {', '.join(map(repr, unknown))} does not "
+                       f"exist; the presets are {', '.join(known)} (conf/preset/)\n")
+    bad_sets = [item for item in args.set if "=" not in item]
+    if bad_sets:
+        parser.exit(2, f"tools.repeats: error: --set {bad_sets[0]!r}: should be KEY=VALUE\n")
+    return args
+
+
+def open_group(client, experiment_id: str, preset: str, members: list[str]) -> str:
+    """A new parent run for `preset`; earlier parents of the same preset are superseded."""
+    earlier = client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{preset}'")
+    parent = client.create_run(experiment_id, run_name=preset, tags={
+        PARENT_TAG: preset, MEMBERS_TAG: json.dumps(members), "preset": preset})
+    for run in earlier:
+        if "superseded_by" not in run.data.tags:
+            client.set_tag(run.info.run_id, "superseded_by", parent.info.run_id)
+        if run.info.status == "RUNNING":  # a group that never closed (machine stopped)
+            client.set_terminated(run.info.run_id, "KILLED")
+    return parent.info.run_id
+
+
+def aggregate(accuracies: Sequence[float]) -> dict[str, float]:
+    """n, mean, sample standard deviation (0 for one run), min and max."""
+    n = len(accuracies)
+    return {
+        "n_runs": n,
+        "final_test_accuracy_mean": statistics.fmean(accuracies),
+        "final_test_accuracy_std": statistics.stdev(accuracies) if n > 1 else 0.0,
+        "final_test_accuracy_min": min(accuracies),
+        "final_test_accuracy_max": max(accuracies),
+    } if n else {"n_runs": 0}
+
+
+def close_group(client, experiment_id: str, parent_id: str) -> dict:
+    """Log the aggregates of the parent's finished children and end it."""
+    members = json.loads(client.get_run(parent_id).data.tags[MEMBERS_TAG])
+    children = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    final = {}  # experiment name -> accuracy; a name run twice counts once, its last run
+    for child in children:
+        accuracy = child.data.metrics.get("final_test_accuracy")
+        if child.info.status == "FINISHED" and accuracy is not None:
+            final[child.data.tags.get("dvc_exp_name", child.info.run_id)] = accuracy
+    stats = aggregate(list(final.values()))
+    complete = sorted(final) == sorted(members)
+    for name, value in stats.items():
+        client.log_metric(parent_id, name, value)
+    client.set_tag(parent_id, "complete", str(complete).lower())
+    client.set_terminated(parent_id, "FINISHED")
+    return {**stats, "complete": complete, "planned": len(members)}
+
+
+def dvc(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "dvc", *args], check=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        experiment_id = tracking.connect()
+    except tracking.TrackingError as err:
+        sys.exit(f"tools.repeats: error: {err}")
+    client = tracking.client()
+    groups = {}
+    for preset in args.presets:
+        members = [experiment_name(preset, seed) for seed in range(args.repeats)]
+        groups[preset] = open_group(client, experiment_id, preset, members)
+        print(f"{preset}: MLflow parent run {groups[preset]}; queueing {', '.join(members)}")
+    try:
+        for preset in args.presets:
+            for seed in range(args.repeats):
+                overrides = [f"preset={preset}", f"base.seed={seed}", *args.set]
+                dvc("exp", "run", "--queue", "-f", "-n", experiment_name(preset, seed),
+                    *[arg for item in overrides for arg in ("-S", item)])
+        dvc("exp", "run", "--run-all", "-j", str(args.jobs))
+    finally:  # also after Ctrl-C or a failed run: what finished is aggregated
+        for preset, parent_id in groups.items():
+            stats = close_group(client, experiment_id, parent_id)
+            line = (f"mean {stats['final_test_accuracy_mean']:.2%}, sd "
+                    f"{stats['final_test_accuracy_std'] * 100:.2f} pt" if stats["n_runs"] else "")
+            print(f"{preset}: {stats['n_runs']} of {stats['planned']} runs finished {line}"
+                  f"{'' if stats['complete'] else ' (incomplete)'}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    main()
