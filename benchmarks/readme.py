@@ -1,5 +1,6 @@
-"""Generated blocks of README.md: every figure there is written by the command that
-measured it, between `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers."""
+"""Generated blocks of the documentation: every figure in README.md and docs/performance.md
+is written by the command that measured it, between `<!-- NAME:begin -->` and
+`<!-- NAME:end -->` markers. `--readme` on a benchmark rewrites its block wherever it is."""
 
 from __future__ import annotations
 
@@ -9,22 +10,32 @@ from pathlib import Path
 
 from stages.files import write_text
 
-README = Path("README.md")
+DOCUMENTS = (Path("README.md"), Path("docs/performance.md"))
+
+
+def _markers(block: str) -> tuple[str, str]:
+    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
 
 
 def fill(text: str, block: str, lines: list[str]) -> str:
     """`text` with the contents of block `block` replaced by `lines`."""
-    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
-    if begin not in text or end not in text:
-        sys.exit(f"README.md has no {begin} ... {end} block to fill")
+    begin, end = _markers(block)
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     return pattern.sub(lambda _: "\n".join([begin, *lines, end]), text)
 
 
 def update(blocks: dict[str, list[str]]) -> None:
-    """Rewrite each named block of README.md (atomically: all blocks or none)."""
-    text = README.read_text()
+    """Rewrite each named block in the document that holds it (each document atomically)."""
+    texts = {path: path.read_text() for path in DOCUMENTS if path.exists()}
+    changed = set()
     for block, lines in blocks.items():
-        text = fill(text, block, lines)
-    write_text(README, text)
-    print(f"README.md updated ({', '.join(blocks)})")
+        holder = next((path for path, text in texts.items()
+                       if all(marker in text for marker in _markers(block))), None)
+        if holder is None:
+            sys.exit(f"no document has a {_markers(block)[0]} ... block to fill "
+                     f"({', '.join(map(str, DOCUMENTS))})")
+        texts[holder] = fill(texts[holder], block, lines)
+        changed.add(holder)
+    for path in changed:
+        write_text(path, texts[path])
+    print(f"updated {', '.join(blocks)} in {', '.join(sorted(map(str, changed)))}")

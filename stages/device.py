@@ -133,10 +133,21 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), e.g. "AMD EPYC"; "unknown" elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return next((line.partition(":")[2].strip() for line in text.splitlines()
+                 if line.startswith("model name")), "unknown")
+
+
 def describe(device: torch.device) -> str:
-    """A human name for the report: the GPU's model, or the CPU with its thread count."""
+    """A human name for reports and figures: the GPU's model, or the CPU's model with the
+    number of threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
