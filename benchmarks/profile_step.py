@@ -89,7 +89,7 @@ def main() -> None:
 
     total = sum(seconds.values())
     lines = [
-        f"Device: {describe(device)}, torch {torch.__version__}; model I1, batch "
+        f"Device: {describe(device)}, torch {torch.__version__}; model {params.base.preset}, batch "
         f"{params.train.batch_size}, "
         f"{'fp32' if dtype == torch.float32 else str(dtype).removeprefix('torch.') + ' autocast'}; "
         f"{args.steps} steps of the train stage's path under torch.profiler; "

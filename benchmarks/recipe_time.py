@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks import readme
 from benchmarks.results_table import reported as reported_figures
@@ -39,28 +38,21 @@ from stages.params import Params, parse_params
 CONF = Path("conf")
 
 
-def merge(base: dict, override: dict) -> dict:
-    """Hydra's rule for these files: mappings merge key by key, anything else replaces."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def compose(preset: str, conf: Path = CONF, overrides: list[str] = ()) -> dict:
+    """The params `dvc exp run -S preset=NAME -S KEY=VALUE ...` would write (`default`: no
+    preset), composed by Hydra itself, which DVC calls for it (hydra-core is small and pure
+    Python, so this runs where DVC is not installed)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
 
-
-def compose(preset: str, conf: Path = CONF) -> dict:
-    """The params `dvc exp run -S preset=NAME` would write (`default`: no preset)."""
-    config = yaml.safe_load((conf / "config.yaml").read_text())
-    config.pop("defaults", None)
-    if preset != "default":
-        path = conf / "preset" / f"{preset}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in (conf / "preset").glob("*.yaml"))
-            raise SystemExit(f"--presets: no preset {preset!r} (known: default, {', '.join(known)})")
-        config = merge(config, yaml.safe_load(path.read_text()))
-    return config
+    known = sorted(p.stem for p in (conf / "preset").glob("*.yaml"))
+    if preset != "default" and preset not in known:
+        raise SystemExit(f"--presets: no preset {preset!r} (known: default, {', '.join(known)})")
+    choice = [] if preset == "default" else [f"preset={preset}"]
+    with initialize_config_dir(str(conf.resolve()), version_base=None):
+        config = hydra_compose(config_name="config", overrides=[*choice, *overrides])
+    return OmegaConf.to_container(config, resolve=True)
 
 
 def time_recipe(params: Params, device: torch.device, train, test) -> dict:
@@ -103,22 +95,15 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["I3"],
                         help="conf/preset names, or `default`")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--set", nargs="*", default=[], metavar="train.KEY=VALUE",
-                        help="override train.* values for every preset (YAML values), "
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every preset, as `dvc exp run -S` takes them, "
                              "e.g. train.cuda_graphs=false")
     parser.add_argument("--readme", action="store_true",
                         help="also write the table into README.md's Performance section")
     args = parser.parse_args()
 
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("train.") or "." in key[len("train."):]:
-            parser.error(f"--set {item!r}: expected train.KEY=VALUE")
-        overrides[key[len("train."):]] = yaml.safe_load(value)
-    # Every preset is validated before any training starts.
-    recipes = {name: parse_params(merge(compose(name), {"train": overrides}))
-               for name in args.presets}
+    # Every preset is composed and validated before any training starts.
+    recipes = {name: parse_params(compose(name, overrides=args.set)) for name in args.presets}
     device = resolve_device(args.device)
     first = next(iter(recipes.values())).train  # process-wide settings: --set applies to all
     configure(device, first.cudnn_benchmark)

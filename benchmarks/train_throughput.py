@@ -290,7 +290,7 @@ def main() -> None:
         f" --malloc {args.malloc}" if args.malloc != "keep" else "")
 
     lines = [
-        f"Device: {describe(device)}, torch {torch.__version__}; model I1 "
+        f"Device: {describe(device)}, torch {torch.__version__}; model {params.base.preset} "
         f"({sum(p.numel() for p in build_model(params.model).parameters()):,} parameters, "
         f"{flops / 1e6:.1f} MFLOP per image forward + backward); batch "
         f"{params.train.batch_size}; {args.steps} timed steps x {args.rounds} interleaved "

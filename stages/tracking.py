@@ -117,9 +117,9 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def run_name() -> str | None:
-    """Runs are named after the DVC experiment when there is one."""
-    return os.environ.get("DVC_EXP_NAME") or None
+def run_name(preset: str | None = None) -> str | None:
+    """Runs are named after the DVC experiment when there is one, else after the preset."""
+    return os.environ.get("DVC_EXP_NAME") or preset
 
 
 def run_tags(device: str, extra: Mapping[str, str] = {}) -> dict[str, str]:
@@ -222,7 +222,7 @@ def new_run(experiment_id: str, tags: Mapping[str, str]) -> str:
     parent = group_parent(experiment_id, tags.get("preset", ""), run_name())
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run = client().create_run(experiment_id, run_name=run_name(), tags=tags)
+    run = client().create_run(experiment_id, run_name=run_name(tags.get("preset")), tags=tags)
     return run.info.run_id
 
 

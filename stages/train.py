@@ -143,6 +143,7 @@ def main() -> None:
             "epochs": cfg.epochs,
             "params": count_parameters(model),
             "train_seconds": round(train_seconds, 2),
+            # Training images per second of epoch time, the test pass included.
             "images_per_second": round(sum(len(train_data) for _ in history) /
                                        sum(m["epoch_seconds"] for m in history)),
             **time_to_accuracy(history, TARGET_ACCURACY),

@@ -42,10 +42,9 @@ from test_interruptions import (
 )
 from test_pipeline import BIN, run, tiny_project
 
-from stages import validate
 from stages.data import DataError, batch_indices, load_split, steps_per_epoch
 from stages.loop import run_epochs, start_training
-from stages.params import ParamsError, check_preset, load_params, parse_params
+from stages.params import ParamsError, load_params, parse_params
 
 TRAIN_OUTPUTS = ("models/model.pt", "reports/train_metrics.json", "reports/training_curves.csv")
 EVALUATE_OUTPUTS = ("reports/metrics.json", "reports/model_report.json",
@@ -259,6 +258,8 @@ def test_one_by_one_batchnorm_trains_when_the_last_batch_would_be_one(tiny_mnist
 
 @pytest.mark.bad_input
 def test_model_too_large_for_memory_is_refused_before_work():
+    from stages import validate
+
     huge = [{"conv": 1024, "kernel": 1, "padding": 28}] * 4
     with pytest.raises(ParamsError) as caught:
         validate.check(_params(model__layers=huge, train__device="cpu"))
@@ -276,6 +277,8 @@ def test_preset_must_be_a_plain_name(preset):
 
 @pytest.mark.bad_input
 def test_preset_names_the_files_of_conf_preset(tmp_path):
+    from stages.params import check_preset
+
     (tmp_path / "I1.yaml").write_text("")
     (tmp_path / "I3.yaml").write_text("")
     raw = _params(base__preset="I9")

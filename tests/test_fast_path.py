@@ -69,8 +69,8 @@ def test_without_cuda_the_training_forward_is_the_model_itself(default_params, t
 
 @pytest.mark.parametrize("preset", ["default", *PRESETS])
 def test_recipe_benchmark_composes_presets_as_dvc_does(preset, tmp_path):
-    """benchmarks.recipe_time needs no DVC (GPU machines lack it), so it composes presets
-    itself; the result must equal what `dvc exp run -S preset=NAME` writes."""
+    """benchmarks.recipe_time needs no DVC (GPU machines may lack it), so it calls Hydra
+    directly; the result must equal what `dvc exp run -S preset=NAME` writes."""
     from dvc.utils.hydra import compose_and_dump
 
     out = tmp_path / "params.yaml"

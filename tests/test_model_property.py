@@ -55,7 +55,7 @@ conv_layers = st.fixed_dictionaries(
 transition_layers = st.fixed_dictionaries({"transition": st.integers(1, 32)},
                                           optional={"relu": st.booleans()})
 maxpool_layers = st.builds(lambda k: {"maxpool": k}, st.integers(2, 4))
-dropout_layers = st.builds(lambda p: {"dropout": p},
+dropout_layers = st.builds(lambda kind, p: {kind: p}, st.sampled_from(["dropout", "dropout2d"]),
                            st.floats(0.0, 0.9, allow_nan=False, allow_infinity=False))
 
 model_sections = st.fixed_dictionaries(
@@ -63,7 +63,8 @@ model_sections = st.fixed_dictionaries(
                                   dropout_layers), min_size=1, max_size=8),
      "head": st.sampled_from(["fc", "gap"]),
      "padding": st.sampled_from(["same", "valid"])},
-    optional={"bias": st.booleans(), "batchnorm": st.booleans()})
+    optional={"bias": st.booleans(), "batchnorm": st.booleans(),
+              "order": st.sampled_from(["bn_relu", "relu_bn"])})
 
 
 # --- an independent oracle: does torch itself run these layers? ----------------------------
@@ -149,6 +150,7 @@ def test_random_architecture_is_refused_clearly_or_builds_right(model_section):
     report = parameter_report(model, params)
     total = count_parameters(model)
     assert report["total_params"] == total
+    assert params.model.parameter_count() == total  # the shape walk counts what torch builds
     assert sum(row["params"] for row in report["layers"]) == total
     assert report["trainable_params"] == total
     assert [row["name"] for row in report["layers"]] == [name for name, _ in model.named_children()]

@@ -225,8 +225,9 @@ def test_presets_are_found():
 
 
 def test_params_yaml_parses():
+    """The default recipe is preset I1 (conf/config.yaml's defaults list), not a copy of it."""
     params = load_params(REPO / "params.yaml")
-    assert params.base.preset == "default"
+    assert params.base.preset == "I1"
     assert params.model.head == "fc"
 
 
@@ -368,10 +369,18 @@ def test_gap_head_parameter_count(default_params):
         fc head:  Linear(20*7*7 -> 10)   = 9,810  -> 20,978 (the default)
         gap head: Conv 1x1 20 -> 10      =   210  -> 11,378
     """
-    backbone = (16 * 9 + 16 + 32) + (16 * 16 * 9 + 16 + 32) + (16 * 12 + 12) \
-        + (12 * 24 * 9 + 24 + 48) + (24 * 24 * 9 + 24 + 48) + (24 * 20 + 20)
-    assert backbone == 11_168
-    assert backbone + 20 * 7 * 7 * 10 + 10 == 20_978
-    assert backbone + 20 * 10 + 10 == 11_378
-    assert n_params(with_change(default_params, "model.head", "gap")) == 11_378
+    by_hand = [16 * 9 + 16 + 32, 16 * 16 * 9 + 16 + 32, 16 * 12 + 12, 0,
+               12 * 24 * 9 + 24 + 48, 24 * 24 * 9 + 24 + 48, 24 * 20 + 20, 0]
+    fc, gap = parse_params(default_params).model, parse_params(
+        with_change(default_params, "model.head", "gap")).model
+    assert [shape.params for shape in fc.walk()] == by_hand  # the shape walk, layer by layer
+    assert sum(by_hand) == 11_168
+    assert (fc.head_params(), gap.head_params()) == (20 * 7 * 7 * 10 + 10, 20 * 10 + 10)
+    assert fc.parameter_count() == n_params(default_params) == 20_978
+    assert gap.parameter_count() == n_params(with_change(default_params, "model.head", "gap")) == 11_378
+
+
+@pytest.mark.parametrize("name", PRESET_PARAMS)
+def test_shape_walk_counts_what_torch_builds(presets, name):
+    assert parse_params(presets[name]).model.parameter_count() == PRESET_PARAMS[name]
 
