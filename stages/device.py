@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from stages.params import Params, ParamsError, training_memory_bytes
+from stages.params import ParamsError
 
 
 def available_devices() -> list[str]:
@@ -36,22 +35,9 @@ def memory_bytes(device: torch.device) -> int | None:
     """The device's memory: a GPU's own, else the machine's RAM (None where unknown)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX
-        return None
+    from stages.validate import host_memory_bytes
 
-
-def check_fits(params: Params, device: torch.device) -> None:
-    """Refuse, before any work, a model whose training cannot fit in the device's memory."""
-    needed, available = training_memory_bytes(params), memory_bytes(device)
-    if available is None or needed <= 0.9 * available:
-        return
-    raise ParamsError(
-        f"model.layers: training this model needs about {needed / 2**30:,.1f} GiB "
-        f"({params.model.parameter_count():,} parameters, batches of {params.train.batch_size}), "
-        f"more than the {available / 2**30:,.1f} GiB of {describe(device)}; use fewer or "
-        f"narrower layers, less padding, or a smaller train.batch_size")
+    return host_memory_bytes()
 
 
 def configure(device: torch.device, cudnn_benchmark: bool = False,

@@ -14,7 +14,9 @@ device, parameters and the memory estimate.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from stages.files import write_json
 from stages.paths import PLAN_FILE
@@ -34,18 +36,49 @@ def check(raw: object) -> tuple[Params, dict]:
     """Every check a run needs before it starts; returns the params and the plan."""
     params = parse_params(raw)
     check_preset(raw, params)
-    from stages.device import check_fits, resolve_device  # imports torch: about 1 s
+    if cpu_only(params.train.device):  # saves importing torch (seconds) in this stage
+        device_type, available, where = "cpu", host_memory_bytes(), "this machine's memory"
+    else:
+        from stages.device import describe, memory_bytes, resolve_device
 
-    device = resolve_device(params.train.device)
-    check_fits(params, device)
+        device = resolve_device(params.train.device)
+        device_type, available, where = device.type, memory_bytes(device), describe(device)
+    check_fits(params, available, where)
     return params, {
         "preset": params.base.preset,
         "seed": params.base.seed,
-        "device": device.type,
+        "device": device_type,
         "parameters": params.model.parameter_count(),
         "epochs": params.train.epochs,
         "memory_estimate_mib": round(training_memory_bytes(params) / 2**20),
     }
+
+
+def cpu_only(device: str) -> bool:
+    """True when `device` can only mean the CPU here: `cpu`, or `auto` on a Linux machine
+    without an NVIDIA driver (CUDA needs one; MPS is macOS only)."""
+    return device == "cpu" or (device == "auto" and sys.platform.startswith("linux")
+                               and not Path("/proc/driver/nvidia").exists())
+
+
+def host_memory_bytes() -> int | None:
+    """The machine's RAM (POSIX), None where unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(params: Params, available: int | None, where: str) -> None:
+    """Refuse, before any work, a model whose training cannot fit in the device's memory."""
+    needed = training_memory_bytes(params)
+    if available is None or needed <= 0.9 * available:
+        return
+    raise ParamsError(
+        f"model.layers: training this model needs about {needed / 2**30:,.1f} GiB "
+        f"({params.model.parameter_count():,} parameters, batches of {params.train.batch_size}), "
+        f"more than the {available / 2**30:,.1f} GiB of {where}; use fewer or narrower "
+        f"layers, less padding, or a smaller train.batch_size")
 
 
 def main() -> None:
