@@ -78,9 +78,8 @@ def connect() -> str:
             experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
         if experiment is not None:
             return experiment.experiment_id
-        artifacts = (project_root() / "mlruns").as_uri()
         try:
-            return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifacts)
+            return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(uri))
         except MlflowException:  # a parallel queued run created it first
             return mlflow.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot track"
@@ -93,6 +92,16 @@ def connect() -> str:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts. For a local store, mlruns/ in the original
+    repo (not in DVC's temporary copy, which is deleted after a queued run). For a tracking
+    server, None: the server decides (with --serve-artifacts, its own store), so a client's
+    artifacts reach the server rather than the client's disk."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return (project_root() / "mlruns").as_uri()
 
 
 @contextlib.contextmanager

@@ -380,3 +380,18 @@ def test_train_stage_refuses_files_that_are_not_mnist(tmp_path):
     assert result.stderr.strip().startswith("train: error: data/MNIST/raw/train-images-idx3-ubyte "
                                             "has md5"), result.stderr
     assert not (project / "mlflow.db").exists()  # refused before any run was opened
+
+
+# --- the tracking store decides where artifacts go -------------------------------------------
+
+
+@pytest.mark.parametrize("uri, local", [
+    ("sqlite:////repo/mlflow.db", True), ("postgresql://u@host/db", True),
+    ("http://127.0.0.1:5000", False), ("https://mlflow.example.com", False),
+])
+def test_artifacts_go_to_a_tracking_server_not_the_client_disk(uri, local, monkeypatch, tmp_path):
+    from stages.tracking import artifact_location
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    expected = (tmp_path / "mlruns").as_uri() if local else None
+    assert artifact_location(uri) == expected
