@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -350,9 +349,11 @@ def test_ctrl_c_during_a_download_is_one_line(tmp_path):
         proc = subprocess.Popen([str(PYTHON), "-m", "stages.download"], cwd=project,
                                 env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        time.sleep(3)  # imports done, stuck waiting for the first file
+        server.settimeout(120)
+        connection, _ = server.accept()  # the stage is past its imports, waiting for a file
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
+        connection.close()
     assert proc.returncode != 0
     assert "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("download: interrupted; every file in"), stderr

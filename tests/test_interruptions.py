@@ -47,10 +47,10 @@ STARTUP_TIMEOUT_S = 240  # imports + the first epoch, on a loaded 2-core machine
 
 
 def make_project(dest: Path, n_train: int = 512, n_test: int = 128, **train) -> Path:
-    """stages/ and params.yaml from the repo, a synthetic MNIST, and tiny CPU training params
+    """stages/, conf/ and params.yaml from the repo, a synthetic MNIST, and tiny CPU training params
     (any `train` keyword overrides one of them, even with a value the stage must refuse)."""
-    shutil.copytree(REPO / "stages", dest / "stages",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("stages", "conf"):  # conf/preset/ names the presets params.yaml may name
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(mirrors=[], pypi_fallback=False, timeout_s=1, verify_md5=False)
     params["train"].update(device="cpu", precision="fp32", batch_size=64, lr=0.05, epochs=3,
