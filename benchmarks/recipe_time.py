@@ -4,7 +4,7 @@
 
 Each preset is composed as `dvc exp run -S preset=NAME` composes it (conf/config.yaml, then
 conf/preset/NAME.yaml on top) and trained from scratch with the train stage's own epoch loop
-(`stages.loop.run_epochs`: every epoch trains on the whole training set and then tests on
+(`stages.loop.TrainingRun`: every epoch trains on the whole training set and then tests on
 the whole test set). The time is the training loop's wall clock, from building the model to
 the end of the last epoch's test, CUDA graph capture and cuDNN's kernel search included.
 Left out: process start, loading MNIST onto the device, and the stage's per-epoch writes
@@ -23,15 +23,9 @@ import torch
 from benchmarks import readme
 from benchmarks.results_table import reported as reported_figures
 from benchmarks.train_throughput import sync
-from stages.data import load_split, steps_per_epoch
+from stages.data import load_split
 from stages.device import configure, describe, resolve_device, resolve_precision
-from stages.loop import (
-    TARGET_ACCURACY,
-    run_epochs,
-    start_training,
-    time_to_accuracy,
-    training_forward,
-)
+from stages.loop import TARGET_ACCURACY, TrainingRun, time_to_accuracy
 from stages.model import count_parameters
 from stages.params import Params, parse_params
 
@@ -57,23 +51,19 @@ def compose(preset: str, conf: Path = CONF, overrides: list[str] = ()) -> dict:
 
 def time_recipe(params: Params, device: torch.device, train, test) -> dict:
     """Train `params`' recipe once; its history, loop seconds and summary figures."""
-    cfg = params.train
-    dtype = resolve_precision(cfg.precision, device)
+    dtype = resolve_precision(params.train.precision, device)
     sync(device)
     started = time.perf_counter()
-    model, optimizer, scheduler, generator = start_training(
-        params, device, steps_per_epoch(len(train), cfg.batch_size), params.base.seed)
-    forward = training_forward(model, train, cfg, dtype)
-    history = []
-    for metrics in run_epochs(model, forward, train, test, optimizer, scheduler, cfg,
-                              params.evaluate.batch_size, generator, dtype):
-        history.append(metrics)
+    run = TrainingRun.start(params, train, test, dtype)  # the train stage's own run
+    run.capture()
+    for metrics in run.epochs():
         print(f"  epoch {metrics['epoch']}: {metrics['epoch_seconds']:.2f} s, test accuracy "
               f"{metrics['test_accuracy']:.4f}", flush=True)
     sync(device)
     seconds = time.perf_counter() - started
+    history = run.history
     best = max(history, key=lambda m: m["test_accuracy"])
-    return {"history": history, "seconds": seconds, "params": count_parameters(model),
+    return {"history": history, "seconds": seconds, "params": count_parameters(run.model),
             "dtype": dtype, "final": history[-1]["test_accuracy"], "best": best,
             **time_to_accuracy(history, TARGET_ACCURACY)}
 

@@ -1,5 +1,5 @@
 """The training recipe every stage and benchmark shares: the optimiser and its schedule, one
-training epoch, one pass over a test set, and the epoch loop that joins them.
+training epoch, one pass over a test set, and the run (`TrainingRun`) that joins them.
 
 On a GPU a step of these small CNNs is a few microseconds of arithmetic behind a hundred
 kernel launches, so the loop is built to keep the host out of the way: the epoch's images
@@ -14,14 +14,15 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.data import Split, batch_indices, normalize, random_affine
+from stages.data import Split, batch_indices, normalize, random_affine, steps_per_epoch
 from stages.mnist import NUM_CLASSES
 from stages.model import build_model
 from stages.params import Params, Train
@@ -203,27 +204,82 @@ def evaluate(model: nn.Module, data: Split, batch_size: int, cfg: Train,
                       predictions=predicted.cpu())
 
 
-def run_epochs(model: nn.Module, forward: Forward, train: Split, test: Split,
-               optimizer: torch.optim.Optimizer, scheduler, cfg: Train, eval_batch_size: int,
-               generator: torch.Generator, dtype: torch.dtype,
-               first_epoch: int = 1) -> Iterator[dict[str, float]]:
-    """Train epochs `first_epoch`..`cfg.epochs`, testing after each; yield each epoch's
-    metrics (the caller saves them between epochs, outside `epoch_seconds`)."""
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        per_batch = scheduler if cfg.scheduler == "onecycle" else None
-        metrics = train_one_epoch(model, train, optimizer, per_batch, cfg, generator, dtype,
-                                  epoch, forward)
-        result = evaluate(model, test, eval_batch_size, cfg, dtype)
-        check_converging(epoch, metrics["train_loss"], result.loss, cfg)
-        if cfg.scheduler == "plateau":
-            scheduler.step(result.loss)
-        elif cfg.scheduler == "step":
-            scheduler.step()
-        yield {"epoch": epoch, **metrics, "test_loss": result.loss,
-               "test_accuracy": result.accuracy, "lr": lr,
-               "epoch_seconds": time.perf_counter() - started}
+@dataclass
+class TrainingRun:
+    """One training run: the model and everything that moves it forward (optimiser, schedule,
+    random streams, data, precision), the finished epochs, and the two routines a run needs:
+    `epochs()` trains and tests epoch after epoch, `state()` / `restore()` checkpoint it.
+
+    The train stage, every benchmark and the tests drive training through this one object,
+    so they measure the recipe that ships, and a recipe change is made once.
+    """
+
+    params: Params
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LRScheduler, ReduceLROnPlateau, or None
+    generator: torch.Generator
+    dtype: torch.dtype
+    train: Split
+    test: Split
+    eval_batch_size: int
+    history: list[dict] = field(default_factory=list)
+    forward: Forward | None = None  # training_forward's result; the eager model until set
+
+    @classmethod
+    def start(cls, params: Params, train: Split, test: Split, dtype: torch.dtype,
+              eval_batch_size: int | None = None, seed: int | None = None) -> TrainingRun:
+        """A fresh run of `params` on the device the data lives on."""
+        model, optimizer, scheduler, generator = start_training(
+            params, train.images.device, steps_per_epoch(len(train), params.train.batch_size),
+            params.base.seed if seed is None else seed)
+        return cls(params, model, optimizer, scheduler, generator, dtype, train, test,
+                   eval_batch_size or params.evaluate.batch_size)
+
+    def capture(self) -> None:
+        """Replay full batches as CUDA graphs where that applies (see `training_forward`)."""
+        self.forward = training_forward(self.model, self.train, self.params.train, self.dtype)
+
+    def epochs(self) -> Iterator[dict[str, float]]:
+        """Train the epochs not yet done, testing after each; yield each epoch's metrics once
+        it is in `history` (the caller saves them between epochs, outside `epoch_seconds`)."""
+        cfg = self.params.train
+        for epoch in range(len(self.history) + 1, cfg.epochs + 1):
+            started = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            per_batch = self.scheduler if cfg.scheduler == "onecycle" else None
+            metrics = train_one_epoch(self.model, self.train, self.optimizer, per_batch, cfg,
+                                      self.generator, self.dtype, epoch, self.forward)
+            result = evaluate(self.model, self.test, self.eval_batch_size, cfg, self.dtype)
+            check_converging(epoch, metrics["train_loss"], result.loss, cfg)
+            self.step_epoch_scheduler(result.loss)
+            self.history.append({"epoch": epoch, **metrics, "test_loss": result.loss,
+                                 "test_accuracy": result.accuracy, "lr": lr,
+                                 "epoch_seconds": time.perf_counter() - started})
+            yield self.history[-1]
+
+    def step_epoch_scheduler(self, test_loss: float) -> None:
+        """StepLR and ReduceLROnPlateau step once per epoch (OneCycle steps every batch)."""
+        if self.params.train.scheduler == "plateau":
+            self.scheduler.step(test_loss)
+        elif self.params.train.scheduler == "step":
+            self.scheduler.step()
+
+    def state(self) -> dict:
+        """What `restore` needs to continue exactly where this run is."""
+        return {"history": self.history, "model_state": self.model.state_dict(),
+                "optimizer_state": self.optimizer.state_dict(),
+                "scheduler_state": self.scheduler.state_dict() if self.scheduler else None,
+                "torch_rng": torch.get_rng_state(), "generator_rng": self.generator.get_state()}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model_state"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler_state"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["generator_rng"])
+        self.history = list(state["history"])
 
 
 def check_converging(epoch: int, train_loss: float, test_loss: float, cfg: Train) -> None:

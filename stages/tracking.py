@@ -256,20 +256,28 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+def log_params(run_id: str, params: Any) -> None:
+    """A params object as the run's MLflow params, flattened ("train.lr": "0.2"), in batches
+    of at most 100 (MLflow's limit per request)."""
+    from mlflow.entities import Param
+
+    pairs = [Param(key, value) for key, value in flatten(params.model_dump(mode="json")).items()]
+    for start in range(0, len(pairs), 100):
+        client().log_batch(run_id, params=pairs[start:start + 100])
+
+
 def log_new_run(run_id: str, params: Any, history: list[dict]) -> None:
     """Give a run that continues a checkpoint everything the lost run had: the params and the
     finished epochs' metrics."""
     import time
 
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client = mlflow.MlflowClient()
-    client.log_batch(run_id, params=[Param(k, v) for k, v in
-                                     flatten(params.model_dump(mode="json")).items()])
-    client.log_batch(run_id, metrics=[Metric(name, value, now, epoch["epoch"])
-                                      for epoch in history for name, value in epoch.items()
-                                      if name != "epoch"])
+    log_params(run_id, params)
+    client().log_batch(run_id, metrics=[Metric(name, value, now, epoch["epoch"])
+                                        for epoch in history for name, value in epoch.items()
+                                        if name != "epoch"])
 
 
 @contextlib.contextmanager

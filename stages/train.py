@@ -17,17 +17,10 @@ import torch
 from torch import nn
 
 from stages import tracking, validate
-from stages.data import DataError, load_split, normalize, steps_per_epoch
+from stages.data import DataError, load_split, normalize
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.files import write_atomic, write_csv, write_json
-from stages.loop import (
-    TARGET_ACCURACY,
-    TrainingDiverged,
-    run_epochs,
-    start_training,
-    time_to_accuracy,
-    training_forward,
-)
+from stages.loop import TARGET_ACCURACY, TrainingDiverged, TrainingRun, time_to_accuracy
 from stages.model import count_parameters
 from stages.params import Params, ParamsError, read_params_file
 from stages.paths import CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, TRAIN_METRICS_FILE
@@ -59,105 +52,101 @@ def load_resumable(params: Params) -> dict | None:
 
 
 def main() -> None:
-    # Everything that can be wrong with the inputs is checked before any work starts.
+    params, device, train_data, test_data, experiment_id = prepare()
+    configure(device, params.train.cudnn_benchmark)
+    run = TrainingRun.start(params, train_data, test_data,
+                            resolve_precision(params.train.precision, device))
+    run_id = resume_or_open(run, experiment_id, describe(device))
+    with tracking.run_status(run_id):
+        started = time.perf_counter()
+        run.capture()
+        for metrics in run.epochs():
+            save_epoch(run, run_id, metrics)
+        finish(run, run_id, time.perf_counter() - started, describe(device))
+
+
+def prepare() -> tuple:
+    """Everything that can be wrong with the inputs, checked before any work starts; one
+    line and exit on the first problem. Returns params, device, both splits, experiment id."""
     try:
         params, _ = validate.check(read_params_file())  # the validate stage's checks, again
         device = resolve_device(params.train.device)
-        dtype = resolve_precision(params.train.precision, device)
-        cfg = params.train
-        verify = params.data.verify_md5
+        cfg, verify = params.train, params.data.verify_md5
         train_data = load_split(train=True, limit=cfg.limit_train, device=device, verify_md5=verify)
         test_data = load_split(train=False, limit=cfg.limit_test, device=device, verify_md5=verify)
-        experiment_id = tracking.connect()
+        return params, device, train_data, test_data, tracking.connect()
     except (ParamsError, DataError, tracking.TrackingError) as err:
         sys.exit(f"train: error: {err}")
 
-    configure(device, params.train.cudnn_benchmark)
-    model, optimizer, scheduler, generator = start_training(
-        params, device, steps_per_epoch(len(train_data), cfg.batch_size), params.base.seed)
-    history: list[dict] = []
 
-    device_name = describe(device)
+def resume_or_open(run: TrainingRun, experiment_id: str, device_name: str) -> str:
+    """Continue the last checkpoint's run if `train.resume` allows, else open a new MLflow run
+    with the params; returns the MLflow run id."""
+    params = run.params
+    tags = tracking.run_tags(device_name, {"preset": params.base.preset})
     resumed = load_resumable(params)
-    if resumed:
-        model.load_state_dict(resumed["model_state"])
-        optimizer.load_state_dict(resumed["optimizer_state"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resumed["scheduler_state"])
-        torch.set_rng_state(resumed["torch_rng"])
-        generator.set_state(resumed["generator_rng"])
-        history = resumed["history"]
+    if resumed is None:
+        run_id = tracking.new_run(experiment_id, tags)
+        tracking.log_params(run_id, params)
+    else:
+        run.restore(resumed)
         run_id = resumed["mlflow_run_id"]
         if tracking.run_exists(run_id):
-            print(f"train: resuming after epoch {len(history)} (MLflow run {run_id})")
+            print(f"train: resuming after epoch {len(run.history)} (MLflow run {run_id})")
         else:  # the store was deleted or replaced since: carry the epochs into a new run
-            run_id = tracking.new_run(experiment_id, tracking.run_tags(
-                device_name, {"preset": params.base.preset, "resumed_from": resumed["mlflow_run_id"]}))
-            print(f"train: resuming after epoch {len(history)}; its MLflow run "
+            run_id = tracking.new_run(experiment_id, {**tags, "resumed_from": run_id})
+            print(f"train: resuming after epoch {len(run.history)}; its MLflow run "
                   f"{resumed['mlflow_run_id']} is not in {tracking.redact(tracking.tracking_uri())}, "
                   f"so the finished epochs are logged again into a new run, {run_id}")
-            tracking.log_new_run(run_id, params, history)
-    else:
-        run_id = tracking.new_run(experiment_id, tracking.run_tags(
-            device_name, {"preset": params.base.preset}))
-
-    print(f"train: {count_parameters(model):,} parameters on {device_name}, "
-          f"{str(dtype).removeprefix('torch.')}, {len(train_data):,} training images, "
+            tracking.log_new_run(run_id, params, run.history)
+    print(f"train: {count_parameters(run.model):,} parameters on {device_name}, "
+          f"{str(run.dtype).removeprefix('torch.')}, {len(run.train):,} training images, "
           f"MLflow run {run_id} at {tracking.redact(tracking.tracking_uri())}")
+    return run_id
 
-    with tracking.run_status(run_id):
-        if not resumed:
-            mlflow.log_params(tracking.flatten(params.model_dump(mode="json")))
-        train_start = time.perf_counter()
-        forward = training_forward(model, train_data, cfg, dtype)
-        for metrics in run_epochs(model, forward, train_data, test_data, optimizer, scheduler,
-                                  cfg, params.evaluate.batch_size, generator, dtype,
-                                  first_epoch=len(history) + 1):
-            # Saving an epoch is all or nothing: a stop signal waits for the end of the block.
-            # The checkpoint comes first (resume trusts it), the log line last. MLflow gets
-            # the metrics through its queue (a synchronous sqlite write would cost 4% of a
-            # 0.3 s GPU epoch); tracking.run_status flushes it before the run ends, however
-            # it ends.
-            with tracking.signals_deferred():
-                history.append(metrics)
-                write_atomic(CHECKPOINT_FILE, lambda f: torch.save({
-                    "recipe": recipe(params), "history": history, "mlflow_run_id": run_id,
-                    "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-                    "scheduler_state": scheduler.state_dict() if scheduler else None,
-                    "torch_rng": torch.get_rng_state(), "generator_rng": generator.get_state(),
-                }, f))
-                # Every sink gets the same dict: MLflow, the DVC plots file, the log line.
-                mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
-                                   step=metrics["epoch"], synchronous=False)
-                write_csv(CURVES_FILE, METRIC_NAMES, history)
-                print("train: " + "  ".join(_format(k, v) for k, v in metrics.items()),
-                      flush=True)
-        train_seconds = time.perf_counter() - train_start
 
-        save_model(model, params, run_id)
-        best = max(history, key=lambda m: m["test_accuracy"])
-        summary = {
-            "final_test_accuracy": history[-1]["test_accuracy"],
-            "best_test_accuracy": best["test_accuracy"],
-            "best_epoch": best["epoch"],
-            "epochs": cfg.epochs,
-            "params": count_parameters(model),
-            "train_seconds": round(train_seconds, 2),
-            # Training images per second of epoch time, the test pass included.
-            "images_per_second": round(sum(len(train_data) for _ in history) /
-                                       sum(m["epoch_seconds"] for m in history)),
-            **time_to_accuracy(history, TARGET_ACCURACY),
-            "device": device_name,
-        }
-        write_json(TRAIN_METRICS_FILE, summary)
-        mlflow.log_metrics({"best_test_accuracy": best["test_accuracy"],
-                            "train_seconds": summary["train_seconds"],
-                            **({"seconds_to_target": summary["seconds_to_target"]}
-                               if summary["seconds_to_target"] is not None else {})})
-        log_model(model, normalize(train_data.images[:2], cfg.normalize))
-        print(f"train: final test accuracy {summary['final_test_accuracy']:.4f}, best "
-              f"{best['test_accuracy']:.4f} (epoch {best['epoch']}), {train_seconds:.1f} s "
-              f"on {device_name}")
+def save_epoch(run: TrainingRun, run_id: str, metrics: dict) -> None:
+    """After an epoch: the checkpoint, then the metrics to every sink (MLflow, the DVC plots
+    file, the log line). All or nothing: a stop signal waits for the end of the block. The
+    checkpoint comes first (resume trusts it). MLflow gets the metrics through its queue (a
+    synchronous sqlite write would cost 4% of a 0.3 s GPU epoch); tracking.run_status
+    flushes it before the run ends, however it ends."""
+    with tracking.signals_deferred():
+        write_atomic(CHECKPOINT_FILE, lambda f: torch.save(
+            {"recipe": recipe(run.params), "mlflow_run_id": run_id, **run.state()}, f))
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
+                           step=metrics["epoch"], synchronous=False)
+        write_csv(CURVES_FILE, METRIC_NAMES, run.history)
+        print("train: " + "  ".join(_format(k, v) for k, v in metrics.items()), flush=True)
+
+
+def finish(run: TrainingRun, run_id: str, train_seconds: float, device_name: str) -> None:
+    """The final model, the summary metrics and the MLflow model."""
+    history = run.history
+    save_model(run.model, run.params, run_id)
+    best = max(history, key=lambda m: m["test_accuracy"])
+    summary = {
+        "final_test_accuracy": history[-1]["test_accuracy"],
+        "best_test_accuracy": best["test_accuracy"],
+        "best_epoch": best["epoch"],
+        "epochs": run.params.train.epochs,
+        "params": count_parameters(run.model),
+        "train_seconds": round(train_seconds, 2),
+        # Training images per second of epoch time, the test pass included.
+        "images_per_second": round(len(run.train) * len(history) /
+                                   sum(m["epoch_seconds"] for m in history)),
+        **time_to_accuracy(history, TARGET_ACCURACY),
+        "device": device_name,
+    }
+    write_json(TRAIN_METRICS_FILE, summary)
+    mlflow.log_metrics({"best_test_accuracy": best["test_accuracy"],
+                        "train_seconds": summary["train_seconds"],
+                        **({"seconds_to_target": summary["seconds_to_target"]}
+                           if summary["seconds_to_target"] is not None else {})})
+    log_model(run.model, normalize(run.train.images[:2], run.params.train.normalize))
+    print(f"train: final test accuracy {summary['final_test_accuracy']:.4f}, best "
+          f"{best['test_accuracy']:.4f} (epoch {best['epoch']}), {train_seconds:.1f} s "
+          f"on {device_name}")
 
 
 def save_model(model: nn.Module, params: Params, run_id: str) -> None:

@@ -42,7 +42,7 @@ from test_interruptions import (
 from test_pipeline import BIN, run, tiny_project
 
 from stages.data import DataError, batch_indices, load_split, steps_per_epoch
-from stages.loop import run_epochs, start_training
+from stages.loop import TrainingRun
 from stages.params import ParamsError, load_params, parse_params
 
 TRAIN_OUTPUTS = ("models/model.pt", "reports/train_metrics.json", "reports/training_curves.csv")
@@ -248,10 +248,8 @@ def test_one_by_one_batchnorm_trains_when_the_last_batch_would_be_one(tiny_mnist
                                   train__batch_size=64, train__scheduler="onecycle"))
     train = load_split(train=True, root=tiny_mnist, limit=65, verify_md5=False)
     test = load_split(train=False, root=tiny_mnist, limit=32, verify_md5=False)
-    model, optimizer, scheduler, generator = start_training(
-        params, torch.device("cpu"), steps_per_epoch(len(train), 64), seed=0)
-    (metrics,) = run_epochs(model, model, train, test, optimizer, scheduler, params.train, 32,
-                            generator, torch.float32)
+    run = TrainingRun.start(params, train, test, torch.float32, eval_batch_size=32, seed=0)
+    (metrics,) = run.epochs()
     assert metrics["epoch"] == 1
 
 

@@ -14,9 +14,9 @@ import yaml
 from benchmarks.recipe_time import compose
 from stages.data import load_split, normalize, random_affine
 from stages.loop import (
+    TrainingRun,
     augmented_epoch,
     evaluate,
-    run_epochs,
     start_training,
     training_forward,
 )
@@ -140,9 +140,8 @@ def test_training_with_cuda_graphs_learns(default_params, tiny_mnist):
     params = small_params(default_params, lr=0.05, epochs=3)
     train = load_split(train=True, root=tiny_mnist, device=device, verify_md5=False)
     test = load_split(train=False, root=tiny_mnist, device=device, verify_md5=False)
-    model, optimizer, scheduler, generator = start_training(params, device, steps=8, seed=0)
-    forward = training_forward(model, train, params.train, torch.float32)
-    history = list(run_epochs(model, forward, train, test, optimizer, scheduler, params.train,
-                              256, generator, torch.float32))
+    run = TrainingRun.start(params, train, test, torch.float32, eval_batch_size=256, seed=0)
+    run.capture()
+    history = list(run.epochs())
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
-    assert evaluate(model, test, 256, params.train, torch.float32).accuracy > 0.9
+    assert evaluate(run.model, test, 256, params.train, torch.float32).accuracy > 0.9

@@ -8,13 +8,7 @@ import pytest
 import torch
 
 from stages.data import load_split
-from stages.loop import (
-    make_optimizer,
-    make_scheduler,
-    run_epochs,
-    start_training,
-    time_to_accuracy,
-)
+from stages.loop import TrainingRun, make_optimizer, make_scheduler, time_to_accuracy
 from stages.model import build_model
 from stages.params import parse_params
 
@@ -30,11 +24,9 @@ def fit(params, data_root, epochs: int) -> tuple[torch.nn.Module, list[dict]]:
     """The first `epochs` epochs of the train stage's loop, on the CPU."""
     train = load_split(train=True, root=data_root, verify_md5=False)
     test = load_split(train=False, root=data_root, verify_md5=False)
-    model, optimizer, scheduler, generator = start_training(
-        params, torch.device("cpu"), steps=len(train) // 64 + 1, seed=params.base.seed)
-    history = list(islice(run_epochs(model, model, train, test, optimizer, scheduler,
-                                     params.train, 256, generator, torch.float32), epochs))
-    return model, history
+    run = TrainingRun.start(params, train, test, torch.float32, eval_batch_size=256)
+    history = list(islice(run.epochs(), epochs))
+    return run.model, history
 
 
 def test_loss_falls_and_the_model_learns(default_params, tiny_mnist):
