@@ -11,8 +11,8 @@ import csv
 import hashlib
 import io
 import json
-import shutil
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path

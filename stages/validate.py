@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from stages.files import write_json
-from stages.paths import PLAN_FILE
 from stages.params import (
     Params,
     ParamsError,
@@ -28,8 +27,7 @@ from stages.params import (
     read_params_file,
     training_memory_bytes,
 )
-
-
+from stages.paths import PLAN_FILE
 
 
 def check(raw: object) -> tuple[Params, dict]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from hydra._internal.core_plugins.file_config_source import FileConfigSource
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult
 from hydra.plugins.search_path_plugin import SearchPathPlugin
-from hydra._internal.core_plugins.file_config_source import FileConfigSource
 
 
 def _leaves_the_folder(config_path: str) -> bool:
