@@ -150,23 +150,28 @@ def plot(groups: dict[str, list[Repeat]], claims: dict[str, dict], path: Path = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for preset, claim in claims.items():
-        ax.scatter(claim["parameters"], claim["final"] * 100, marker="x", color="grey",
-                   zorder=2, label="reported" if preset == next(iter(claims)) else None)
+        ax.scatter(claim["parameters"], claim["final"] * 100, marker="x", color="grey", zorder=2)
         runs = groups.get(preset)
-        if not runs:
-            continue
-        stats = summarize(runs)
-        ax.errorbar(runs[0].parameters, stats["mean"] * 100, yerr=(stats["sd"] or 0) * 100,
-                    fmt="o", capsize=4, color="tab:blue", zorder=3,
-                    label="measured, mean +- sd" if preset == next(iter(groups)) else None)
-        ax.annotate(f"{preset} (n={stats['n']})", (runs[0].parameters, stats["mean"] * 100),
-                    textcoords="offset points", xytext=(6, -12), fontsize=8)
-    ax.set(xlabel="parameters", ylabel="final-epoch test accuracy (%)",
-           title="Measured vs reported test accuracy (MNIST, 10,000 test images)")
+        if runs:
+            stats = summarize(runs)
+            ax.errorbar(runs[0].parameters, stats["mean"] * 100, yerr=(stats["sd"] or 0) * 100,
+                        fmt="o", capsize=4, color="tab:blue", zorder=3)
+            label = f"{preset} (n={stats['n']})"
+        else:
+            label = f"{preset} (not run)"
+        ax.annotate(label, (claim["parameters"], claim["final"] * 100), fontsize=8,
+                    textcoords="offset points", xytext=(6, 4))
+    devices = sorted({run.device for runs in groups.values() for run in runs})
+    ax.scatter([], [], marker="x", color="grey", label="reported by the source")
+    ax.errorbar([], [], yerr=[], fmt="o", capsize=4, color="tab:blue",
+                label="measured: mean +- sd of the final epoch")
+    ax.set(xlabel="parameters", ylabel="test accuracy (%)",
+           title="Measured and reported MNIST test accuracy"
+                 + (f"\n(measured on {', '.join(devices)})" if devices else ""))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
