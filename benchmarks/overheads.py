@@ -6,7 +6,7 @@ nothing to do.
 Per epoch the train stage writes a checkpoint, logs the epoch's metrics to MLflow and
 rewrites the curves CSV (stages/train.py). This times those same calls, against a fresh
 sqlite store of the same kind the pipeline uses (in a temporary folder, so the project's
-store is untouched), and divides by the epoch time of the last `dvc repro` on this machine
+store is untouched), and divides by the epoch time of the last `dvc repro` where it runs
 (reports/train_metrics.json) and by I3's epoch time on an H100.
 
 The no-op `dvc repro` is timed only when `dvc status` says the pipeline is up to date:

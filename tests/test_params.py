@@ -323,7 +323,7 @@ def test_auto_and_cpu_devices_resolve():
 
 
 @pytest.mark.parametrize("flags, expected", [
-    ("fpu avx512f avx512_bf16 avx512_fp16", torch.float32),  # this Xeon: fp32 trains faster
+    ("fpu avx512f avx512_bf16 avx512_fp16", torch.float32),  # a 2-core Intel Xeon: fp32 trains faster there
     ("fpu avx512f avx512_bf16 amx_tile amx_bf16", torch.bfloat16),
     ("fpu sse2 avx2", torch.float32),
 ])
