@@ -56,13 +56,14 @@ def main() -> None:
     configure(device, params.train.cudnn_benchmark)
     run = TrainingRun.start(params, train_data, test_data,
                             resolve_precision(params.train.precision, device))
-    run_id = resume_or_open(run, experiment_id, describe(device))
+    device_name = describe(device)
+    run_id = resume_or_open(run, experiment_id, device_name)
     with tracking.run_status(run_id):
         started = time.perf_counter()
         run.capture()
         for metrics in run.epochs():
             save_epoch(run, run_id, metrics)
-        finish(run, run_id, time.perf_counter() - started, describe(device))
+        finish(run, run_id, time.perf_counter() - started, device_name)
 
 
 def prepare() -> tuple:
