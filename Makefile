@@ -13,6 +13,8 @@ SEEDS := seed000 seed001 seed002 seed003
 # parallel runs only share the cores).
 REPEATS ?= 3
 JOBS ?= 1
+# RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
+REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
 .PHONY: setup repro test test-fast ui iterations seeds results bench bench-overheads profile recipes same-recipe plots params clean-venv
 
@@ -42,10 +44,10 @@ ui: setup  ## MLflow UI on this repo's store, local only
 # and one MLflow parent run per preset (tools/repeats.py). -f replaces an experiment of the
 # same name and reruns it even when the run cache could skip it, so rerunning is safe.
 iterations: setup  ## seed 004's changelog, I0 to I3, REPEATS random seeds each
-	$(BIN)/python -m tools.repeats --repeats "$(REPEATS)" --jobs "$(JOBS)" $(ITERATIONS)
+	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(ITERATIONS)
 
 seeds: setup  ## seeds 000 to 003's recipes, REPEATS random seeds each
-	$(BIN)/python -m tools.repeats --repeats "$(REPEATS)" --jobs "$(JOBS)" $(SEEDS)
+	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(SEEDS)
 
 results: setup  ## rewrite the README's results table and figure from `dvc exp show`
 	$(BIN)/python -m benchmarks.results_table --repeats "$(REPEATS)" --readme

@@ -12,7 +12,8 @@ their aggregates (n, mean, standard deviation, min and max of the final test acc
 
 Starting a group supersedes the preset's earlier group (tag `superseded_by`); other presets'
 groups are not touched. A group cut short (Ctrl-C, a failed run) still gets the aggregates of
-the repeats that finished and is tagged `complete: false`.
+the repeats that finished and is tagged `complete: false`; `--resume` reopens the preset's
+latest group and runs only the repeats it is missing (`make iterations RESUME=1`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("presets", nargs="+", help="names from conf/preset/")
     parser.add_argument("--repeats", default="3", help="random seeds per preset: 0..N-1")
     parser.add_argument("--jobs", default="1", help="experiments run at once")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish each preset's latest group: run only its missing repeats")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every run (dvc exp run -S)")
     args = parser.parse_args(argv)
@@ -73,6 +76,34 @@ def open_group(client, experiment_id: str, preset: str, members: list[str]) -> s
     return parent.info.run_id
 
 
+def finished_repeats(client, experiment_id: str, parent_id: str) -> dict[str, float]:
+    """DVC experiment name -> final test accuracy of the group's finished children; a name run
+    twice counts once, its last run."""
+    children = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    final = {}
+    for child in children:
+        accuracy = child.data.metrics.get("final_test_accuracy")
+        if child.info.status == "FINISHED" and accuracy is not None:
+            final[child.data.tags.get("dvc_exp_name", child.info.run_id)] = accuracy
+    return final
+
+
+def reopen_group(client, experiment_id: str, preset: str, members: list[str]) -> str | None:
+    """The preset's latest group, running again, or None when it has none."""
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.{PARENT_TAG} = '{preset}'", max_results=1)
+    if not runs:
+        return None
+    earlier = json.loads(runs[0].data.tags[MEMBERS_TAG])
+    if earlier != members:
+        sys.exit(f"tools.repeats: error: --resume: {preset}'s latest group planned "
+                 f"{len(earlier)} repeats ({', '.join(earlier)}), not {len(members)}; "
+                 f"pass --repeats {len(earlier)} or start a new group without --resume")
+    client.update_run(runs[0].info.run_id, status="RUNNING")
+    return runs[0].info.run_id
+
+
 def aggregate(accuracies: Sequence[float]) -> dict[str, float]:
     """n, mean, sample standard deviation (0 for one run), min and max."""
     n = len(accuracies)
@@ -88,13 +119,7 @@ def aggregate(accuracies: Sequence[float]) -> dict[str, float]:
 def close_group(client, experiment_id: str, parent_id: str) -> dict:
     """Log the aggregates of the parent's finished children and end it."""
     members = json.loads(client.get_run(parent_id).data.tags[MEMBERS_TAG])
-    children = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    final = {}  # experiment name -> accuracy; a name run twice counts once, its last run
-    for child in children:
-        accuracy = child.data.metrics.get("final_test_accuracy")
-        if child.info.status == "FINISHED" and accuracy is not None:
-            final[child.data.tags.get("dvc_exp_name", child.info.run_id)] = accuracy
+    final = finished_repeats(client, experiment_id, parent_id)
     stats = aggregate(list(final.values()))
     complete = sorted(final) == sorted(members)
     for name, value in stats.items():
@@ -115,18 +140,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     except tracking.TrackingError as err:
         sys.exit(f"tools.repeats: error: {err}")
     client = tracking.client()
-    groups = {}
+    groups, to_run = {}, {}
     for preset in args.presets:
         members = [experiment_name(preset, seed) for seed in range(args.repeats)]
-        groups[preset] = open_group(client, experiment_id, preset, members)
-        print(f"{preset}: MLflow parent run {groups[preset]}; queueing {', '.join(members)}")
+        parent_id = reopen_group(client, experiment_id, preset, members) if args.resume else None
+        if parent_id is None:
+            parent_id = open_group(client, experiment_id, preset, members)
+        done = finished_repeats(client, experiment_id, parent_id)
+        groups[preset] = parent_id
+        to_run[preset] = [seed for seed in range(args.repeats)
+                          if experiment_name(preset, seed) not in done]
+        queued = [experiment_name(preset, seed) for seed in to_run[preset]]
+        print(f"{preset}: MLflow parent run {parent_id}; queueing {', '.join(queued) or 'nothing'}")
     try:
         for preset in args.presets:
-            for seed in range(args.repeats):
+            for seed in to_run[preset]:
                 overrides = [f"preset={preset}", f"base.seed={seed}", *args.set]
                 dvc("exp", "run", "--queue", "-f", "-n", experiment_name(preset, seed),
                     *[arg for item in overrides for arg in ("-S", item)])
-        dvc("exp", "run", "--run-all", "-j", str(args.jobs))
+        if any(to_run.values()):
+            dvc("exp", "run", "--run-all", "-j", str(args.jobs))
     finally:  # also after Ctrl-C or a failed run: what finished is aggregated
         for preset, parent_id in groups.items():
             stats = close_group(client, experiment_id, parent_id)
