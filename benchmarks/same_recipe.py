@@ -34,9 +34,9 @@ from benchmarks.train_throughput import fork_safe, seeds_loader
 from stages.data import load_split, steps_per_epoch
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.loop import (
-    evaluate,
     make_optimizer,
     make_scheduler,
+    predict_split,
     train_one_epoch,
     training_forward,
 )
@@ -46,7 +46,7 @@ from stages.params import load_params
 PATHS = ("seeds' way", "project")
 
 
-def seeds_epoch(model: nn.Module, loader, optimizer, per_batch, cfg, device) -> None:
+def seeds_epoch(model: nn.Module, loader, optimizer, per_batch, recipe, device) -> None:
     """One epoch of the seed notebooks' loop."""
     model.train()
     with fork_safe():
@@ -56,8 +56,8 @@ def seeds_epoch(model: nn.Module, loader, optimizer, per_batch, cfg, device) -> 
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if recipe.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         if per_batch is not None:
             per_batch.step()
@@ -66,37 +66,37 @@ def seeds_epoch(model: nn.Module, loader, optimizer, per_batch, cfg, device) -> 
 def train_and_score(path: str, params, device, dtype, seed: int, train, test,
                     workers: int, root: Path | str = "data") -> tuple[float, float]:
     """(final test accuracy, training seconds) of one path trained with `seed`."""
-    cfg = params.train
+    recipe = params.train
     if path == "seeds' way":  # fp32, NCHW: what the notebooks run
-        cfg = cfg.model_copy(update={"channels_last": False})
+        recipe = recipe.model_copy(update={"channels_last": False})
         dtype = torch.float32
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_model(params.model).to(device)
-    if cfg.channels_last:
+    if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if path == "seeds' way":
         loader = seeds_loader(params, device, workers, drop_last=False, root=root)
         steps = len(loader)
     else:
-        steps = steps_per_epoch(len(train), cfg.batch_size)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps)
-    per_batch = scheduler if cfg.scheduler == "onecycle" else None
+        steps = steps_per_epoch(len(train), recipe.batch_size)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe, steps)
+    per_batch = scheduler if recipe.scheduler == "onecycle" else None
     started = time.perf_counter()
-    forward = training_forward(model, train, cfg, dtype) if path == "project" else model
-    for epoch in range(1, cfg.epochs + 1):
+    forward = training_forward(model, train, recipe, dtype) if path == "project" else model
+    for epoch in range(1, recipe.epochs + 1):
         if path == "seeds' way":
-            seeds_epoch(model, loader, optimizer, per_batch, cfg, device)
+            seeds_epoch(model, loader, optimizer, per_batch, recipe, device)
         else:
-            train_one_epoch(model, train, optimizer, per_batch, cfg, generator, dtype, epoch,
+            train_one_epoch(model, train, optimizer, per_batch, recipe, generator, dtype, epoch,
                             forward)
-        if cfg.scheduler == "plateau":
-            scheduler.step(evaluate(model, test, params.evaluate.batch_size, cfg, dtype).loss)
-        elif cfg.scheduler == "step":
+        if recipe.scheduler == "plateau":
+            scheduler.step(predict_split(model, test, params.evaluate.batch_size, recipe, dtype).loss)
+        elif recipe.scheduler == "step":
             scheduler.step()
     seconds = time.perf_counter() - started
-    return evaluate(model, test, params.evaluate.batch_size, cfg, dtype).accuracy, seconds
+    return predict_split(model, test, params.evaluate.batch_size, recipe, dtype).accuracy, seconds
 
 
 def main() -> None:

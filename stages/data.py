@@ -100,27 +100,27 @@ def check_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:
     return count
 
 
-def normalize(images: torch.Tensor, cfg: Normalize) -> torch.Tensor:
-    return (images - cfg.mean) / cfg.std
+def normalize(images: torch.Tensor, stats: Normalize) -> torch.Tensor:
+    return (images - stats.mean) / stats.std
 
 
 # --- batched RandomAffine -------------------------------------------------------------------
 
 
-def sample_affine(n: int, cfg: Augment, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def sample_affine(n: int, augment: Augment, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Draw n sets of RandomAffine parameters, as torchvision's RandomAffine.get_params does:
     angle ~ U(-degrees, degrees), integer pixel shifts ~ round(U(-t*size, t*size)),
     scale ~ U(low, high), x-shear ~ U(-shear, shear), no y-shear."""
     def uniform(low: float, high: float) -> torch.Tensor:
         return torch.rand(n, generator=generator) * (high - low) + low
 
-    max_shift = cfg.translate * size
+    max_shift = augment.translate * size
     return {
-        "angle": uniform(-cfg.degrees, cfg.degrees),
+        "angle": uniform(-augment.degrees, augment.degrees),
         "translate_x": uniform(-max_shift, max_shift).round(),
         "translate_y": uniform(-max_shift, max_shift).round(),
-        "scale": uniform(*cfg.scale),
-        "shear_x": uniform(-cfg.shear, cfg.shear),
+        "scale": uniform(*augment.scale),
+        "shear_x": uniform(-augment.shear, augment.shear),
         "shear_y": torch.zeros(n),
     }
 
@@ -151,20 +151,20 @@ def affine_theta(angle: torch.Tensor, translate_x: torch.Tensor, translate_y: to
     return theta.float()
 
 
-def random_affine(images: torch.Tensor, cfg: Augment, generator: torch.Generator) -> torch.Tensor:
+def random_affine(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
     """Apply an independent random affine warp to every image of a [N, C, H, W] batch.
 
     Parameters are drawn on the CPU generator (so CPU runs are reproducible and the RNG state
     can be checkpointed); the warp itself runs on the images' device. Pixels shifted in from
     outside are 0 (black), as with torchvision's default fill.
     """
-    if cfg.degrees == 0 and cfg.translate == 0 and cfg.scale == (1.0, 1.0) and cfg.shear == 0:
+    if augment.degrees == 0 and augment.translate == 0 and augment.scale == (1.0, 1.0) and augment.shear == 0:
         return images
     n, _, height, width = images.shape
-    params = sample_affine(n, cfg, width, generator)
+    params = sample_affine(n, augment, width, generator)
     theta = affine_theta(**params, height=height, width=width).to(images.device)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid.to(images.dtype), mode=cfg.interpolation,
+    return F.grid_sample(images, grid.to(images.dtype), mode=augment.interpolation,
                          padding_mode="zeros", align_corners=False)
 
 

@@ -24,7 +24,7 @@ from stages import tracking  # noqa: E402
 from stages.data import DataError, load_split  # noqa: E402
 from stages.device import configure, resolve_device, resolve_precision  # noqa: E402
 from stages.files import all_or_nothing, write_atomic, write_csv, write_json, write_text  # noqa: E402
-from stages.loop import evaluate  # noqa: E402
+from stages.loop import predict_split  # noqa: E402
 from stages.mnist import NUM_CLASSES  # noqa: E402
 from stages.model import build_model, count_parameters, layer_table  # noqa: E402
 from stages.params import Params, ParamsError, load_params, parse_params  # noqa: E402
@@ -174,7 +174,7 @@ def main() -> None:
     model = model.to(device)
     try:
         with tracking.added_to_finished_run(run_id):
-            result = evaluate(model, test_data, stage_params.evaluate.batch_size, params.train, dtype)
+            result = predict_split(model, test_data, stage_params.evaluate.batch_size, params.train, dtype)
             labels = test_data.labels.cpu()
             matrix = confusion_matrix(labels, result.predictions)
             per_class = matrix.diag() / matrix.sum(dim=1).clamp(min=1)

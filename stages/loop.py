@@ -51,30 +51,30 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
-def memory_format(cfg: Train) -> torch.memory_format:
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+def memory_format(recipe: Train) -> torch.memory_format:
+    return torch.channels_last if recipe.channels_last else torch.contiguous_format
 
 
-def make_optimizer(model: nn.Module, cfg: Train) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
+def make_optimizer(model: nn.Module, recipe: Train) -> torch.optim.Optimizer:
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                               nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=recipe.lr, betas=recipe.betas, eps=recipe.eps,
+                            weight_decay=recipe.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Train, steps: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Train, steps: int):
     """OneCycle steps every batch; StepLR and ReduceLROnPlateau step once per epoch."""
-    if cfg.scheduler == "onecycle":
+    if recipe.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps,
-            pct_start=cfg.onecycle.pct_start, div_factor=cfg.onecycle.div_factor,
-            final_div_factor=cfg.onecycle.final_div_factor)
-    if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step.step_size, cfg.step.gamma)
-    if cfg.scheduler == "plateau":
+            optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps,
+            pct_start=recipe.onecycle.pct_start, div_factor=recipe.onecycle.div_factor,
+            final_div_factor=recipe.onecycle.final_div_factor)
+    if recipe.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, recipe.step.step_size, recipe.step.gamma)
+    if recipe.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.plateau.factor, patience=cfg.plateau.patience)
+            optimizer, mode="min", factor=recipe.plateau.factor, patience=recipe.plateau.patience)
     return None
 
 
@@ -90,7 +90,7 @@ def start_training(params: Params, device: torch.device, steps: int, seed: int):
     return model, optimizer, make_scheduler(optimizer, params.train, steps), generator
 
 
-def training_forward(model: nn.Module, data: Split, cfg: Train, dtype: torch.dtype) -> Forward:
+def training_forward(model: nn.Module, data: Split, recipe: Train, dtype: torch.dtype) -> Forward:
     """The function a training step calls for its logits: the model itself, or on CUDA with
     `train.cuda_graphs` (and at least one full batch) its CUDA-graphed forward and backward.
 
@@ -103,10 +103,10 @@ def training_forward(model: nn.Module, data: Split, cfg: Train, dtype: torch.dty
     capturing leaves the model as it found it.
     """
     device = data.images.device
-    if device.type != "cuda" or not cfg.cuda_graphs or len(data) < cfg.batch_size:
+    if device.type != "cuda" or not recipe.cuda_graphs or len(data) < recipe.batch_size:
         return model
-    sample = normalize(data.images[: cfg.batch_size], cfg.normalize)
-    sample = sample.contiguous(memory_format=memory_format(cfg))
+    sample = normalize(data.images[: recipe.batch_size], recipe.normalize)
+    sample = sample.contiguous(memory_format=memory_format(recipe))
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.train()
     with autocast(device, dtype):
@@ -125,18 +125,18 @@ def training_forward(model: nn.Module, data: Split, cfg: Train, dtype: torch.dty
     return forward
 
 
-def augmented_epoch(data: Split, cfg: Train, generator: torch.Generator) -> torch.Tensor:
+def augmented_epoch(data: Split, recipe: Train, generator: torch.Generator) -> torch.Tensor:
     """Every training image warped by its own random affine (`train.augment`), normalised,
     in the training memory format: one epoch's inputs, made in a few large passes rather
     than one small pass per step."""
     with torch.no_grad():
-        warped = torch.cat([random_affine(chunk, cfg.augment, generator)
+        warped = torch.cat([random_affine(chunk, recipe.augment, generator)
                             for chunk in data.images.split(AUGMENT_CHUNK)])
-        return normalize(warped, cfg.normalize).contiguous(memory_format=memory_format(cfg))
+        return normalize(warped, recipe.normalize).contiguous(memory_format=memory_format(recipe))
 
 
 def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, cfg: Train,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, recipe: Train,
                     generator: torch.Generator, dtype: torch.dtype, epoch: int,
                     forward: Forward | None = None) -> dict[str, float]:
     """One pass over `data` in shuffled batches; `scheduler` (if given) steps every batch.
@@ -150,10 +150,10 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
     device = data.images.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    batches = batch_indices(len(data), cfg.batch_size, shuffle=True, generator=generator, device=device)
-    images = augmented_epoch(data, cfg, generator)
+    batches = batch_indices(len(data), recipe.batch_size, shuffle=True, generator=generator, device=device)
+    images = augmented_epoch(data, recipe, generator)
     # tqdm's disable=None: a bar on a terminal, silence in logs and CI.
-    with tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=None,
+    with tqdm(batches, desc=f"epoch {epoch}/{recipe.epochs}", unit="batch", disable=None,
               leave=False) as bar:
         for step, index in enumerate(bar):
             labels = data.labels[index]
@@ -162,15 +162,15 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if recipe.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             total_loss += loss.detach() * len(index)
             correct += (logits.argmax(dim=1) == labels).sum()
             if not bar.disable and step % 20 == 0:  # a sync, so only when someone watches
-                seen = min((step + 1) * cfg.batch_size, len(data))
+                seen = min((step + 1) * recipe.batch_size, len(data))
                 bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}",
                                 acc=f"{correct.item() / seen:.4f}")
     return {"train_loss": total_loss.item() / len(data),
@@ -185,15 +185,15 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, batch_size: int, cfg: Train,
-             dtype: torch.dtype) -> Evaluation:
+def predict_split(model: nn.Module, data: Split, batch_size: int, recipe: Train,
+                  dtype: torch.dtype) -> Evaluation:
     """Mean cross-entropy, accuracy and the predicted class of every image."""
     model.eval()
     device = data.images.device
     total_loss = torch.zeros((), device=device)
     predictions = []
     for index in batch_indices(len(data), batch_size, shuffle=False, generator=None, device=device):
-        images = normalize(data.images[index], cfg.normalize).contiguous(memory_format=memory_format(cfg))
+        images = normalize(data.images[index], recipe.normalize).contiguous(memory_format=memory_format(recipe))
         with autocast(device, dtype):
             logits = model(images)
         total_loss += F.cross_entropy(logits.float(), data.labels[index], reduction="sum")
@@ -243,15 +243,15 @@ class TrainingRun:
     def epochs(self) -> Iterator[dict[str, float]]:
         """Train the epochs not yet done, testing after each; yield each epoch's metrics once
         it is in `history` (the caller saves them between epochs, outside `epoch_seconds`)."""
-        cfg = self.params.train
-        for epoch in range(len(self.history) + 1, cfg.epochs + 1):
+        recipe = self.params.train
+        for epoch in range(len(self.history) + 1, recipe.epochs + 1):
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            per_batch = self.scheduler if cfg.scheduler == "onecycle" else None
-            metrics = train_one_epoch(self.model, self.train, self.optimizer, per_batch, cfg,
+            per_batch = self.scheduler if recipe.scheduler == "onecycle" else None
+            metrics = train_one_epoch(self.model, self.train, self.optimizer, per_batch, recipe,
                                       self.generator, self.dtype, epoch, self.forward)
-            result = evaluate(self.model, self.test, self.eval_batch_size, cfg, self.dtype)
-            check_converging(epoch, metrics["train_loss"], result.loss, cfg)
+            result = predict_split(self.model, self.test, self.eval_batch_size, recipe, self.dtype)
+            check_converging(epoch, metrics["train_loss"], result.loss, recipe)
             self.step_epoch_scheduler(result.loss)
             self.history.append({"epoch": epoch, **metrics, "test_loss": result.loss,
                                  "test_accuracy": result.accuracy, "lr": lr,
@@ -282,16 +282,16 @@ class TrainingRun:
         self.history = list(state["history"])
 
 
-def check_converging(epoch: int, train_loss: float, test_loss: float, cfg: Train) -> None:
+def check_converging(epoch: int, train_loss: float, test_loss: float, recipe: Train) -> None:
     """Stop a run whose epoch ended diverged, before anything of that epoch is saved."""
     for name, loss in (("training", train_loss), ("test", test_loss)):
         if not math.isfinite(loss) or loss > DIVERGED_LOSS:
-            clip = ("set train.grad_clip (e.g. 1.0)" if cfg.grad_clip == 0
-                    else f"lower train.grad_clip (now {cfg.grad_clip:g})")
+            clip = ("set train.grad_clip (e.g. 1.0)" if recipe.grad_clip == 0
+                    else f"lower train.grad_clip (now {recipe.grad_clip:g})")
             raise TrainingDiverged(
                 f"training diverged in epoch {epoch}: the mean {name} loss is {loss:.4g} "
                 f"(guessing scores {math.log(NUM_CLASSES):.2f}); lower train.lr (now "
-                f"{cfg.lr:g}) or {clip}")
+                f"{recipe.lr:g}) or {clip}")
 
 
 def time_to_accuracy(history: list[dict], target: float) -> dict:

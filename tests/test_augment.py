@@ -11,6 +11,14 @@ from torchvision.transforms import functional as TF
 from stages.data import affine_theta, random_affine, sample_affine
 from stages.params import Augment
 
+NO_AUGMENTATION = {"degrees": 0.0, "translate": 0.0, "scale": (1.0, 1.0), "shear": 0.0,
+                   "interpolation": "bilinear"}
+
+
+def affine(**changes) -> Augment:
+    """An `train.augment` section: no augmentation, except the given changes."""
+    return Augment(**{**NO_AUGMENTATION, **changes})
+
 # (angle, translate x, translate y, scale, shear x) in torchvision's conventions
 CASES = [(10, 2, -1, 1.02, 0), (-7, 0, 0, 0.95, 10), (25, -3, 2, 1.1, -15), (0, 0, 0, 1, 0),
          (90, 1, 1, 0.9, 5)]
@@ -34,19 +42,19 @@ def test_warp_matches_torchvision_affine(angle, tx, ty, scale, shear, mode):
 
 def test_each_image_gets_its_own_warp():
     images = torch.rand(1, 1, 28, 28).expand(8, 1, 28, 28).contiguous()
-    out = random_affine(images, Augment(degrees=30, translate=0.1), torch.Generator().manual_seed(0))
+    out = random_affine(images, affine(degrees=30, translate=0.1), torch.Generator().manual_seed(0))
     assert out.shape == images.shape
     assert len({round(x.sum().item(), 3) for x in out}) == 8
 
 
 def test_no_augmentation_is_the_identity():
     images = torch.rand(4, 1, 28, 28)
-    assert random_affine(images, Augment(), torch.Generator()) is images
+    assert random_affine(images, affine(), torch.Generator()) is images
 
 
 def test_sampled_parameters_stay_in_range():
-    cfg = Augment(degrees=10, translate=0.05, scale=(0.98, 1.02), shear=10)
-    p = sample_affine(10_000, cfg, 28, torch.Generator().manual_seed(0))
+    augment = affine(degrees=10, translate=0.05, scale=(0.98, 1.02), shear=10)
+    p = sample_affine(10_000, augment, 28, torch.Generator().manual_seed(0))
     assert p["angle"].abs().max() <= 10 and p["angle"].abs().max() > 9.9
     assert set(p["translate_x"].unique().tolist()) <= {-1.0, 0.0, 1.0}  # round(U(-1.4, 1.4))
     assert 0.98 <= p["scale"].min() and p["scale"].max() <= 1.02
@@ -55,7 +63,7 @@ def test_sampled_parameters_stay_in_range():
 
 def test_same_generator_seed_same_warps():
     images = torch.rand(16, 1, 28, 28)
-    cfg = Augment(degrees=15, translate=0.1, scale=(0.9, 1.1), shear=10)
-    a = random_affine(images, cfg, torch.Generator().manual_seed(3))
-    b = random_affine(images, cfg, torch.Generator().manual_seed(3))
+    augment = affine(degrees=15, translate=0.1, scale=(0.9, 1.1), shear=10)
+    a = random_affine(images, augment, torch.Generator().manual_seed(3))
+    b = random_affine(images, augment, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)

@@ -16,7 +16,7 @@ from stages.data import load_split, normalize, random_affine
 from stages.loop import (
     TrainingRun,
     augmented_epoch,
-    evaluate,
+    predict_split,
     start_training,
     training_forward,
 )
@@ -39,15 +39,15 @@ def test_epoch_augmentation_warps_every_image_once_like_random_affine(default_pa
     """The epoch's inputs are the per-chunk RandomAffine draws of the same generator,
     normalised: the same images a step-by-step warp would see, made in a few passes."""
     params = small_params(default_params)
-    cfg = params.train
+    recipe = params.train
     train = load_split(train=True, root=tiny_mnist, verify_md5=False)
-    epoch = augmented_epoch(train, cfg, torch.Generator().manual_seed(3))
-    expected = normalize(random_affine(train.images, cfg.augment, torch.Generator().manual_seed(3)),
-                         cfg.normalize)
+    epoch = augmented_epoch(train, recipe, torch.Generator().manual_seed(3))
+    expected = normalize(random_affine(train.images, recipe.augment, torch.Generator().manual_seed(3)),
+                         recipe.normalize)
     assert epoch.shape == train.images.shape
     assert torch.allclose(epoch, expected, atol=1e-6)
-    assert not torch.allclose(epoch, normalize(train.images, cfg.normalize))  # it did warp
-    if cfg.channels_last:
+    assert not torch.allclose(epoch, normalize(train.images, recipe.normalize))  # it did warp
+    if recipe.channels_last:
         assert epoch.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -99,18 +99,18 @@ def exact_cuda():
 @needs_cuda
 def test_graphed_forward_and_backward_match_the_eager_model(default_params, tiny_mnist, exact_cuda):
     params = small_params(default_params, dropout=False)
-    cfg = params.train
+    recipe = params.train
     train = load_split(train=True, root=tiny_mnist, device=exact_cuda, verify_md5=False)
     model, *_ = start_training(params, exact_cuda, steps=8, seed=0)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
 
-    forward = training_forward(model, train, cfg, torch.float32)
+    forward = training_forward(model, train, recipe, torch.float32)
 
     assert forward is not model
     for name, buffer in model.named_buffers():  # the capture's warm-up left no trace
         assert torch.equal(buffer, buffers[name]), name
     eager = copy.deepcopy(model)
-    images = augmented_epoch(train, cfg, torch.Generator().manual_seed(1))[64:128]
+    images = augmented_epoch(train, recipe, torch.Generator().manual_seed(1))[64:128]
     graphed_logits, eager_logits = forward(images), eager(images)
     graphed_logits.square().sum().backward()
     eager_logits.square().sum().backward()
@@ -144,4 +144,4 @@ def test_training_with_cuda_graphs_learns(default_params, tiny_mnist):
     run.capture()
     history = list(run.epochs())
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
-    assert evaluate(run.model, test, 256, params.train, torch.float32).accuracy > 0.9
+    assert predict_split(run.model, test, 256, params.train, torch.float32).accuracy > 0.9

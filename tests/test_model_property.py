@@ -111,8 +111,10 @@ def last_feature_map(model: nn.Sequential, images: torch.Tensor) -> torch.Tensor
 
 
 def full_params(model: dict) -> dict:
+    """params.yaml with the generated keys of the model section in place of its own (the keys
+    not generated keep params.yaml's values: the schema has no defaults of its own)."""
     params = copy.deepcopy(DEFAULT_PARAMS)
-    params["model"] = model
+    params["model"] = {**params["model"], **model}
     return params
 
 
