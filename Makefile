@@ -8,7 +8,7 @@ UI_PORT ?= 5000
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 ITERATIONS := I0 I1 I2 I3
-SEEDS := seed000 seed001 seed002 seed003
+READMES := readme000 readme001 readme002 readme003
 # Random seeds per preset (0..REPEATS-1), and experiments run at once (on a 2-core CPU,
 # parallel runs only share the cores).
 REPEATS ?= 3
@@ -16,7 +16,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui iterations seeds results bench bench-overheads profile recipes same-recipe plots params clean-venv
+.PHONY: setup repro test test-fast ui iterations readmes seeds results bench bench-overheads profile recipes same-recipe plots params clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -43,11 +43,13 @@ ui: setup  ## MLflow UI on this repo's store, local only
 # Each preset REPEATS times, random seeds 0..REPEATS-1, as DVC experiments <preset>-s<seed>
 # and one MLflow parent run per preset (tools/repeats.py). -f replaces an experiment of the
 # same name and reruns it even when the run cache could skip it, so rerunning is safe.
-iterations: setup  ## seed 004's changelog, I0 to I3, REPEATS random seeds each
+iterations: setup  ## README 004's changelog, I0 to I3, REPEATS random seeds each
 	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(ITERATIONS)
 
-seeds: setup  ## seeds 000 to 003's recipes, REPEATS random seeds each
-	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(SEEDS)
+readmes: setup  ## the recipes of READMEs 000 to 003, REPEATS random seeds each
+	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(READMES)
+
+seeds: readmes  # the old name of `make readmes`, until the next release
 
 results: setup  ## rewrite the README's results table and figure from `dvc exp show`
 	$(BIN)/python -m benchmarks.results_table --repeats "$(REPEATS)" --readme
@@ -56,7 +58,7 @@ bench: setup  ## training throughput: the seeds' way vs this pipeline, and the h
 	$(BIN)/python -m benchmarks.train_throughput $(BENCH_ARGS)
 
 # Whole recipes, timed as the train stage runs them. All eight take minutes on a GPU and
-# hours on a small CPU: RECIPE_ARGS="--device cuda --presets I3 I1 I0 I2 seed000 seed001 seed002 seed003 --readme"
+# hours on a small CPU: RECIPE_ARGS="--device cuda --presets I3 I1 I0 I2 readme000 readme001 readme002 readme003 --readme"
 RECIPE_ARGS ?= --presets I3
 recipes: setup  ## full recipes: training-loop time, accuracy, time to 99.4% (RECIPE_ARGS)
 	$(BIN)/python -m benchmarks.recipe_time $(RECIPE_ARGS)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.same_recipe [--epochs 0] [--seeds 0] [--readme]
 
-Trains params.yaml's model and recipe (seed 004's I1 by default, all its epochs; `--epochs`
+Trains params.yaml's model and recipe (README 004's I1 by default, all its epochs; `--epochs`
 shortens it and OneCycle then spans the shorter run, which is no longer the seed's recipe:
 a 3-epoch OneCycle to I1's peak rate of 0.2 can diverge) once per seed with each path of
 benchmarks/train_throughput.py:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_throughput [--device auto] [--steps 40] [--rounds 3]
 
-Both paths train seed 004's I1 (the default params.yaml model) with the same batch size,
+Both paths train README 004's I1 (the default params.yaml model) with the same batch size,
 optimiser (SGD Nesterov + OneCycle) and augmentation (RandomAffine 10 deg, 5 %, 0.98-1.02):
 
   seeds' way   torchvision MNIST + per-sample RandomAffine/ToTensor/Normalize in a

@@ -66,16 +66,16 @@ def load_model(path: Path = MODEL_FILE) -> tuple[nn.Module, Params, str]:
 
 
 def suite_checks(model: nn.Module) -> dict[str, bool]:
-    """The assertions of the two seeds' test suites that ship with code (seed 000's
-    tests/test_model.py, seed 003's test_model.py), each as its suite writes it. They agree
-    but for the dropout check: seed 000 asserts an `nn.Dropout2d`, seed 003 an `nn.Dropout`
+    """The assertions of the two seeds' test suites that ship with code (README 000's
+    tests/test_model.py, README 003's test_model.py), each as its suite writes it. They agree
+    but for the dropout check: README 000 asserts an `nn.Dropout2d`, README 003 an `nn.Dropout`
     (neither class is the other's subclass). Neither suite checks epochs or accuracy."""
     modules = list(model.modules())
     return {
         f"fewer than {PARAM_LIMIT:,} parameters": count_parameters(model) < PARAM_LIMIT,
         "has nn.BatchNorm2d": any(isinstance(m, nn.BatchNorm2d) for m in modules),
-        "has nn.Dropout (seed 003's suite)": any(isinstance(m, nn.Dropout) for m in modules),
-        "has nn.Dropout2d (seed 000's suite)": any(isinstance(m, nn.Dropout2d) for m in modules),
+        "has nn.Dropout (README 003's suite)": any(isinstance(m, nn.Dropout) for m in modules),
+        "has nn.Dropout2d (README 000's suite)": any(isinstance(m, nn.Dropout2d) for m in modules),
         "has nn.AdaptiveAvgPool2d or nn.Linear": any(
             isinstance(m, (nn.AdaptiveAvgPool2d, nn.Linear)) for m in modules),
     }

@@ -157,7 +157,7 @@ class Model(Section):
     batchnorm: bool
     bias: bool
     padding: Literal["same", "valid"]
-    # After a conv: BatchNorm then ReLU (most seeds), or ReLU then BatchNorm (seed 000's code).
+    # After a conv: BatchNorm then ReLU (most seeds), or ReLU then BatchNorm (README 000's code).
     order: Literal["bn_relu", "relu_bn"]
     layers: Annotated[tuple[Layer, ...], Field(min_length=1)]
 
@@ -374,6 +374,19 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 def preset_names(presets_dir: Path = PRESETS_DIR) -> list[str]:
     """The recipes `-S preset=NAME` accepts: the files of conf/preset/."""
     return sorted(path.stem for path in presets_dir.glob("*.yaml"))
+
+
+def renamed_preset(name: str, presets_dir: Path = PRESETS_DIR) -> str | None:
+    """The new name when `name` is an old one kept for a release: a preset file whose defaults
+    list holds only another preset (and `_self_`)."""
+    path = presets_dir / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+    others = [entry for entry in defaults if entry != "_self_"]
+    if len(others) == 1 and isinstance(others[0], str) and others[0] in preset_names(presets_dir):
+        return others[0]
+    return None
 
 
 def check_preset(raw: Any, params: Params, presets_dir: Path = PRESETS_DIR) -> None:

@@ -25,6 +25,7 @@ from stages.params import (
     check_preset,
     parse_params,
     read_params_file,
+    renamed_preset,
     training_memory_bytes,
 )
 from stages.paths import PLAN_FILE
@@ -87,6 +88,9 @@ def main() -> None:
     write_json(PLAN_FILE, plan)
     print(f"validate: params.yaml is valid: {plan['preset']}, {plan['parameters']:,} parameters, "
           f"{plan['epochs']} epochs on {plan['device']}")
+    if new_name := renamed_preset(plan["preset"]):
+        print(f"validate: note: preset {plan['preset']} is now called {new_name}; the old name "
+              f"goes in the next release (-S preset={new_name})")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ from hydra.errors import HydraException
 
 from stages.device import resolve_device, resolve_precision
 from stages.model import build_model, count_parameters
-from stages.params import ParamsError, load_params, parse_params
+from stages.params import ParamsError, load_params, parse_params, renamed_preset
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 PRESETS = sorted(path.stem for path in (CONF / "preset").glob("*.yaml"))
+# The presets with a recipe of their own (not an old name of another).
+RECIPES = [name for name in PRESETS if renamed_preset(name, CONF / "preset") is None]
 
 DELETE = object()  # a table value that removes the key instead of setting it
 
@@ -221,7 +223,22 @@ def presets(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_presets_are_found():
-    assert PRESETS == ["I0", "I1", "I2", "I3", "seed000", "seed001", "seed002", "seed003"]
+    assert PRESETS == ["I0", "I1", "I2", "I3", "readme000", "readme001", "readme002", "readme003",
+                       "seed000", "seed001", "seed002", "seed003"]
+
+
+@pytest.mark.parametrize("old", ["seed000", "seed001", "seed002", "seed003"])
+def test_old_preset_names_compose_the_renamed_recipe(presets, old):
+    """seed00N is the old name of readme00N for one release: the same recipe, its own name."""
+    new = renamed_preset(old, REPO / "conf" / "preset")
+    assert new == old.replace("seed", "readme")
+    assert {**presets[old], "base": None} == {**presets[new], "base": None}
+    assert presets[old]["base"]["preset"] == old
+
+
+def test_a_preset_of_its_own_is_not_an_alias():
+    assert [name for name in PRESETS if renamed_preset(name, REPO / "conf" / "preset")
+            and not name.startswith("seed")] == []
 
 
 def test_params_yaml_parses():
@@ -338,7 +355,7 @@ def test_auto_precision_on_a_cpu_takes_bf16_only_with_amx(monkeypatch, flags, ex
 
 PRESET_PARAMS = {
     "I0": 18_060, "I1": 20_978, "I2": 19_494, "I3": 14_500,
-    "seed000": 16_034, "seed001": 7_776, "seed002": 13_034, "seed003": 15_440,
+    "readme000": 16_034, "readme001": 7_776, "readme002": 13_034, "readme003": 15_440,
 }
 
 

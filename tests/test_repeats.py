@@ -38,7 +38,7 @@ from tools.repeats import aggregate, close_group, open_group
     (["--repeats", "-2", "I1"], "tools.repeats: error: REPEATS='-2': should be a whole number"),
     (["--jobs", "0", "I1"], "tools.repeats: error: JOBS='0': should be a whole number of at least 1"),
     (["I1", "I9"], "tools.repeats: error: preset 'I9' does not exist; the presets are I0, I1, I2, I3, "
-                   "seed000"),
+                   "readme000"),
     (["../conf/config"], "tools.repeats: error: preset '../conf/config' does not exist"),
     (["--set", "train.epochs", "I1"], "tools.repeats: error: --set 'train.epochs': should be KEY=VALUE"),
 ])
@@ -92,8 +92,8 @@ def test_verdict_rule(finals, target, expected):
 
 
 def test_table_marks_short_groups_incomplete_and_unrun_presets():
-    claims = {"I3": {"source": "seed 004", "parameters": 14_500, "final": 0.996},
-              "I1": {"source": "seed 004", "parameters": 20_978, "final": 0.996}}
+    claims = {"I3": {"source": "README 004", "parameters": 14_500, "final": 0.996},
+              "I1": {"source": "README 004", "parameters": 20_978, "final": 0.996}}
     header, _, i3, i1 = rows({"I3": repeats(0.9950, 0.9960)}, claims, planned=3)
     cells = [cell.strip() for cell in i3.split("|")[1:-1]]
     assert cells[:6] == ["I3", "14,500", "15", "2 of 3 (incomplete)", "99.55% +- 0.07 pt",

@@ -1,18 +1,18 @@
 """The two seeds with public code ship test suites of four assertions each on their `Net()`
-(seed 000: tests/test_model.py; seed 003: test_model.py). They are rewritten here as they
-assert, and run against the model of every preset, so "our seed000 is seed 000's model" is
-checked the way its authors checked their own. The suites differ in one line: seed 000
-asserts an `nn.Dropout2d`, seed 003 an `nn.Dropout` (neither class is the other's subclass).
+(README 000: tests/test_model.py; README 003: test_model.py). They are rewritten here as they
+assert, and run against the model of every preset, so "our readme000 is README 000's model" is
+checked the way its authors checked their own. The suites differ in one line: README 000
+asserts an `nn.Dropout2d`, README 003 an `nn.Dropout` (neither class is the other's subclass).
 
-The seed presets build their seeds' layers in their seeds' order: seed 000's blocks run
-conv, ReLU, BatchNorm, Dropout2d (its code, not its README's conv, BN, ReLU); seed 003's
+The seed presets build their seeds' layers in their seeds' order: README 000's blocks run
+conv, ReLU, BatchNorm, Dropout2d (its code, not its README's conv, BN, ReLU); README 003's
 1x1 conv is followed by a ReLU.
 """
 
 from __future__ import annotations
 
 import pytest
-from test_params import PRESETS, compose
+from test_params import RECIPES, compose
 from torch import nn
 
 from stages.evaluate import suite_checks
@@ -20,7 +20,7 @@ from stages.model import build_model
 from stages.params import parse_params
 
 
-def seed000_suite(model: nn.Module) -> list[str]:
+def readme000_suite(model: nn.Module) -> list[str]:
     """MohammedYaseen97/erav3-assgn06, tests/test_model.py: the failed assertions."""
     failed = []
     total_params = sum(p.numel() for p in model.parameters())
@@ -37,7 +37,7 @@ def seed000_suite(model: nn.Module) -> list[str]:
     return failed
 
 
-def seed003_suite(model: nn.Module) -> list[str]:
+def readme003_suite(model: nn.Module) -> list[str]:
     """twitu/mnist-solver-pro-max, test_model.py: the failed assertions."""
     failed = []
     if not sum(p.numel() for p in model.parameters()) < 20000:
@@ -51,16 +51,16 @@ def seed003_suite(model: nn.Module) -> list[str]:
     return failed
 
 
-# preset -> (seed 000's failed assertions, seed 003's failed assertions)
+# preset -> (README 000's failed assertions, README 003's failed assertions)
 EXPECTED = {
     "I0": (["batchnorm", "dropout"], ["batchnorm", "dropout"]),   # no BN, no dropout
     "I1": (["parameters", "dropout"], ["parameters"]),            # 20,978 parameters
     "I2": (["dropout"], []),
     "I3": (["dropout"], []),
-    "seed000": ([], ["dropout"]),                                  # Dropout2d only
-    "seed001": (["dropout"], []),
-    "seed002": (["dropout"], []),
-    "seed003": (["dropout"], []),
+    "readme000": ([], ["dropout"]),                                  # Dropout2d only
+    "readme001": (["dropout"], []),
+    "readme002": (["dropout"], []),
+    "readme003": (["dropout"], []),
 }
 
 
@@ -68,37 +68,37 @@ EXPECTED = {
 def models(tmp_path_factory) -> dict[str, nn.Module]:
     out = tmp_path_factory.mktemp("suites")
     return {name: build_model(parse_params(compose(out / f"{name}.yaml", [f"preset={name}"])).model)
-            for name in PRESETS}
+            for name in RECIPES}
 
 
 def test_every_preset_is_in_the_table():
-    assert sorted(EXPECTED) == PRESETS
+    assert sorted(EXPECTED) == RECIPES
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_seed_suites_on_every_preset(models, preset):
+@pytest.mark.parametrize("preset", RECIPES)
+def test_source_suites_on_every_preset(models, preset):
     model = models[preset]
-    assert (seed000_suite(model), seed003_suite(model)) == EXPECTED[preset]
+    assert (readme000_suite(model), readme003_suite(model)) == EXPECTED[preset]
     # The parameter report runs the same checks.
     checks = suite_checks(model)
-    assert checks["has nn.Dropout2d (seed 000's suite)"] == ("dropout" not in EXPECTED[preset][0])
-    assert checks["has nn.Dropout (seed 003's suite)"] == ("dropout" not in EXPECTED[preset][1])
+    assert checks["has nn.Dropout2d (README 000's suite)"] == ("dropout" not in EXPECTED[preset][0])
+    assert checks["has nn.Dropout (README 003's suite)"] == ("dropout" not in EXPECTED[preset][1])
 
 
 def _kinds(model: nn.Module) -> list[str]:
     return [type(module).__name__ for module in model.children()]
 
 
-def test_seed000_blocks_run_conv_relu_batchnorm_dropout2d(models):
-    kinds = _kinds(models["seed000"])
+def test_readme000_blocks_run_conv_relu_batchnorm_dropout2d(models):
+    kinds = _kinds(models["readme000"])
     assert kinds[:8] == ["Conv2d", "ReLU", "BatchNorm2d", "Dropout2d"] * 2
     # the transition (pool, 1x1 conv, ReLU), and the last conv's ReLU before the GAP head
     assert kinds[12:15] == ["MaxPool2d", "Conv2d", "ReLU"]
     assert kinds[-5:] == ["Conv2d", "ReLU", "AdaptiveAvgPool2d", "Conv2d", "Flatten"]
 
 
-def test_seed003_one_by_one_conv_is_followed_by_relu(models):
-    kinds = _kinds(models["seed003"])
-    one_by_one = next(i for i, m in enumerate(models["seed003"].children())
+def test_readme003_one_by_one_conv_is_followed_by_relu(models):
+    kinds = _kinds(models["readme003"])
+    one_by_one = next(i for i, m in enumerate(models["readme003"].children())
                       if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
     assert kinds[one_by_one - 2: one_by_one + 2] == ["MaxPool2d", "Dropout", "Conv2d", "ReLU"]
