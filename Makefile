@@ -16,7 +16,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui iterations readmes seeds results bench bench-overheads profile recipes same-recipe plots params clean-venv
+.PHONY: setup repro test test-fast ui iterations readmes seeds exps results bench bench-overheads profile recipes same-recipe plots params clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -50,6 +50,13 @@ readmes: setup  ## the recipes of READMEs 000 to 003, REPEATS random seeds each
 	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(READMES)
 
 seeds: readmes  # the old name of `make readmes`, until the next release
+
+# `dvc exp show` lists every param and every dependency's hash (80 columns); this keeps the
+# recipe name and random seed, the params that differ between experiments, and the metrics.
+EXPS_ARGS ?= -A
+exps: setup  ## the experiments table, short: preset, seed, params that differ, metrics
+	$(BIN)/dvc exp show --only-changed --keep '^base\.' \
+		--drop 'Created|^(stages|conf|data|models|reports)/' $(EXPS_ARGS)
 
 results: setup  ## rewrite the README's results table and figure from `dvc exp show`
 	$(BIN)/python -m benchmarks.results_table --repeats "$(REPEATS)" --readme

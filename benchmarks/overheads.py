@@ -122,7 +122,7 @@ def main() -> None:
     bookkeeping = time_bookkeeping(args.epochs)
 
     # The last run's epoch (train + test), the denominator of the shares below.
-    epoch_s = 60_000 / last_run["images_per_second"] if last_run else None
+    epoch_s = 60_000 / last_run["epoch_images_per_second"] if last_run else None
     lines = [f"`python -m benchmarks.overheads --epochs {args.epochs} --repeats "
              f"{args.repeats}` on {os.cpu_count()} CPU cores, sqlite MLflow store; the "
              f"last run's epoch: "

@@ -110,8 +110,8 @@ def test_default_run_line_reports_time_to_target(tmp_path, monkeypatch, seconds,
     reports = tmp_path / "reports"
     reports.mkdir()
     (reports / "train_metrics.json").write_text(json.dumps({
-        "final_test_accuracy": 0.995, "best_test_accuracy": 0.995, "best_epoch": 10,
-        "epochs": 10, "params": 20978, "train_seconds": 120.0, "images_per_second": 5000,
+        "best_test_accuracy": 0.995, "best_epoch": 10,
+        "epochs": 10, "params": 20978, "train_seconds": 120.0, "epoch_images_per_second": 5000,
         "epoch_to_target": 3 if seconds else None, "seconds_to_target": seconds,
         "target_accuracy": 0.994, "device": "cpu"}))
     (reports / "metrics.json").write_text(json.dumps({"test_accuracy": 0.995, "test_errors": 50}))
