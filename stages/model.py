@@ -65,6 +65,26 @@ def build_model(spec: Model) -> nn.Sequential:
     return nn.Sequential(layers)
 
 
+class PixelClassifier(nn.Module):
+    """The trained network behind the input a user has: raw pixels, 0 to 255 (uint8 or float),
+    N x 28 x 28 or N x 1 x 28 x 28, in; class probabilities, N x 10, out. The scaling and the
+    normalisation that training applied happen inside, so a caller cannot forget them.
+    (This is the model logged to MLflow and served; models/model.pt keeps the bare network.)"""
+
+    def __init__(self, network: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.network = network
+        # Normalising x / 255 with (mean, std) is normalising x with 255 * (mean, std).
+        self.register_buffer("mean", torch.tensor(255.0 * mean))
+        self.register_buffer("std", torch.tensor(255.0 * std))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() == 3:
+            pixels = pixels.unsqueeze(1)
+        images = (pixels.float() - self.mean) / self.std
+        return torch.softmax(self.network(images), dim=1)
+
+
 def feature_map_size(spec: Model) -> int:
     """Side of the last feature map for a 28x28 input."""
     return spec.walk()[-1].size

@@ -173,7 +173,8 @@ def run_status(run_id: str) -> Iterator[None]:
     FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM. Never left RUNNING, and
     metrics logged with `synchronous=False` are all stored before it ends."""
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    mlflow.start_run(run_id=run_id)
+    # System metrics (CPU, memory, disk; the GPU where nvidia-ml-py is installed) every 10 s.
+    mlflow.start_run(run_id=run_id, log_system_metrics=True)
     try:
         yield
     except KeyboardInterrupt:
@@ -246,6 +247,31 @@ def group_parent(experiment_id: str, preset: str, exp_name: str | None) -> str |
         if exp_name in json.loads(run.data.tags.get(MEMBERS_TAG, "[]")):
             return run.info.run_id
     return None
+
+
+def log_dataset(raw_dir: Path, lock_file: Path = Path("dvc.lock")) -> None:
+    """Which data the active run read: MNIST's raw folder as an MLflow dataset input whose
+    digest is the folder's DVC hash (from dvc.lock, as `dvc status` knows it), tagged with
+    the MD5 of each of the four files."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from stages.mnist import FILES
+
+    md5s = {name: hashlib.md5((raw_dir / name).read_bytes()).hexdigest() for name in FILES}
+    dvc_hash = None
+    if lock_file.is_file():
+        import yaml
+
+        outs = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}).get(
+            "download", {}).get("outs", [])
+        dvc_hash = next((out.get("md5") for out in outs if out.get("path") == raw_dir.as_posix()),
+                        None)
+    digest = dvc_hash or hashlib.md5("".join(md5s.values()).encode()).hexdigest()
+    source = resolve_dataset_source((project_root() / raw_dir).as_uri())
+    dataset = MetaDataset(source, name="mnist", digest=digest.removesuffix(".dir")[:36])
+    mlflow.log_input(dataset, context="training",
+                     tags={"dvc_hash": dvc_hash or "none", **{f"md5.{k}": v for k, v in md5s.items()}})
 
 
 def run_exists(run_id: str) -> bool:

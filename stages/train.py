@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from stages import tracking, validate
-from stages.data import DataError, load_split, normalize
+from stages.data import DataError, load_split
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.files import write_atomic, write_csv, write_json
 from stages.loop import TARGET_ACCURACY, TrainingDiverged, TrainingRun, time_to_accuracy
-from stages.model import count_parameters
+from stages.mnist import RAW_DIR
+from stages.model import PixelClassifier, count_parameters
 from stages.params import Params, ParamsError, read_params_file
 from stages.paths import CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, TRAIN_METRICS_FILE
 
@@ -59,6 +60,7 @@ def main() -> None:
     device_name = describe(device)
     run_id = resume_or_open(run, experiment_id, device_name)
     with tracking.run_status(run_id):
+        tracking.log_dataset(RAW_DIR)
         started = time.perf_counter()
         run.capture()
         for metrics in run.epochs():
@@ -145,7 +147,7 @@ def finish(run: TrainingRun, run_id: str, train_seconds: float, device_name: str
                         "train_seconds": summary["train_seconds"],
                         **({"seconds_to_target": summary["seconds_to_target"]}
                            if summary["seconds_to_target"] is not None else {})})
-    log_model(run.model, normalize(run.train.images[:2], run.params.train.normalize))
+    log_model(run.model, run.params, run.train.images[:2])
     print(f"train: final test accuracy {history[-1]['test_accuracy']:.4f}, best "
           f"{best['test_accuracy']:.4f} (epoch {best['epoch']}), {train_seconds:.1f} s "
           f"on {device_name}")
@@ -162,13 +164,15 @@ def save_model(model: nn.Module, params: Params, run_id: str) -> None:
     }, f))
 
 
-def log_model(model: nn.Module, example: torch.Tensor) -> None:
-    """Log the model in MLflow's format with a signature and an input example of 2 normalised
-    images (a batch of 1 would freeze the exported batch size at 1)."""
+def log_model(network: nn.Module, params: Params, images: torch.Tensor) -> None:
+    """Log the model users call: raw 0-255 pixels in, class probabilities out (see
+    `PixelClassifier`), with a signature and an input example of two training digits as
+    pixels, N x 28 x 28 float32 (a batch of 1 would freeze the exported batch size at 1)."""
     from mlflow.models import infer_signature
 
-    model = model.to("cpu", memory_format=torch.contiguous_format).eval().float()
-    example = example.detach().cpu().float().contiguous().numpy()
+    network = network.to("cpu", memory_format=torch.contiguous_format).eval().float()
+    model = PixelClassifier(network, params.train.normalize.mean, params.train.normalize.std)
+    example = (images.detach().cpu().float().squeeze(1) * 255).round().contiguous().numpy()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     mlflow.pytorch.log_model(model, name="model", input_example=example,

@@ -556,5 +556,51 @@ def test_main_says_when_nothing_was_downloaded(
     monkeypatch.chdir(tmp_path)
     _write_params(tmp_path, default_params)
     monkeypatch.setattr(download, "download_mnist", lambda *a, **kw: {name: PRESENT for name in download.MNIST_FILES})
+    monkeypatch.setattr(download, "pack", lambda *a: None)
     download.main()
     assert "nothing downloaded" in capsys.readouterr().out
+
+
+# --- the packed copy (data/MNIST/raw.tar.gz), what `dvc push` and `dvc pull` carry ----------
+
+
+def _raw_files(folder: Path) -> dict[str, bytes]:
+    folder.mkdir(parents=True)
+    files = {name: f"{name} content".encode() * 100 for name in download.MNIST_FILES}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_pack_is_byte_identical_for_identical_files(tmp_path: Path) -> None:
+    _raw_files(tmp_path / "a")
+    _raw_files(tmp_path / "b")
+    download.pack(tmp_path / "a", tmp_path / "a.tar.gz", list(download.MNIST_FILES))
+    download.pack(tmp_path / "b", tmp_path / "b.tar.gz", list(download.MNIST_FILES))
+    assert (tmp_path / "a.tar.gz").read_bytes() == (tmp_path / "b.tar.gz").read_bytes()
+
+
+def test_missing_files_come_from_the_archive_first(tmp_path: Path) -> None:
+    files = _raw_files(tmp_path / "packed")
+    archive = tmp_path / "raw.tar.gz"
+    download.pack(tmp_path / "packed", archive, list(files))
+    expected = {name: _md5(data) for name, data in files.items()}
+    origins = download.download_mnist(tmp_path / "raw", mirrors=[], pypi_fallback=False,
+                                      expected_md5=expected, archive=archive)
+    assert origins == dict.fromkeys(files, str(archive))
+    assert {name: (tmp_path / "raw" / name).read_bytes() for name in files} == files
+
+
+@pytest.mark.fault
+def test_a_damaged_archive_is_skipped_for_the_next_source(tmp_path: Path) -> None:
+    files = _raw_files(tmp_path / "packed")
+    archive = tmp_path / "raw.tar.gz"
+    archive.write_bytes(b"not a tar")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name, data in files.items():
+        (mirror / f"{name}.gz").write_bytes(gzip.compress(data))
+    expected = {name: _md5(data) for name, data in files.items()}
+    origins = download.download_mnist(tmp_path / "raw", mirrors=[mirror.as_uri()],
+                                      pypi_fallback=False, expected_md5=expected, archive=archive)
+    assert all(origin.startswith("file://") for origin in origins.values()), origins

@@ -389,7 +389,7 @@ def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
     assert sorted(r.info.run_name for r in runs) == sorted(names), [r.info.run_name for r in runs]
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     mlruns = project / "mlruns"
-    images = np.random.default_rng(0).normal(size=(3, 1, 28, 28)).astype(np.float32)
+    images = np.random.default_rng(0).uniform(0, 255, size=(3, 28, 28)).astype(np.float32)
     for run_ in runs:
         name, run_id = run_.info.run_name, run_.info.run_id
         assert run_.info.status == "FINISHED", name
