@@ -34,8 +34,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from stages.evaluate import parameter_report
-from stages.model import build_model, count_parameters, feature_map_size
 from stages.mnist import IMAGE_SIZE, NUM_CLASSES
+from stages.model import build_model, count_parameters, feature_map_size
 from stages.params import Params, ParamsError, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
