@@ -62,6 +62,18 @@ def redact(text: str) -> str:
     return _USERINFO.sub(hide, text)
 
 
+def is_remote(uri: str | None = None) -> bool:
+    """A tracking server (over HTTP), rather than a database or folder on this machine."""
+    return (uri or tracking_uri()).startswith(("http://", "https://"))
+
+
+# For a stage talking to a server: a few quick retries, then an error, instead of MLflow's
+# default of minutes of back-off while the training waits. The user's own settings win.
+SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
 def connect() -> str:
     """Point MLflow at the store and return the experiment id, failing fast when unreachable.
 
@@ -70,6 +82,9 @@ def connect() -> str:
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if is_remote(uri):
+        for key, value in SERVER_RETRIES.items():
+            os.environ.setdefault(key, value)
     probe_env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     saved = {key: os.environ.get(key) for key in probe_env}
     os.environ.update(probe_env)
@@ -193,7 +208,14 @@ def _end_run(status: int) -> None:
     try:
         mlflow.flush_async_logging()  # the queued per-epoch metrics first
     finally:
-        mlflow.end_run(RunStatus.to_string(status))
+        if status == RunStatus.FINISHED:
+            mlflow.end_run(RunStatus.to_string(status))
+        else:
+            # The block already failed, perhaps because the store went away: marking the
+            # run must not replace that error with a second one. A run left RUNNING on a
+            # server that stopped is continued by `train.resume: true`.
+            with contextlib.suppress(Exception):  # end_run has left the run either way
+                mlflow.end_run(RunStatus.to_string(status))
 
 
 def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
@@ -290,6 +312,23 @@ def log_params(run_id: str, params: Any) -> None:
     pairs = [Param(key, value) for key, value in flatten(params.model_dump(mode="json")).items()]
     for start in range(0, len(pairs), 100):
         client().log_batch(run_id, params=pairs[start:start + 100])
+
+
+def log_missing_epochs(run_id: str, history: list[dict]) -> list[int]:
+    """Log the checkpoint's epochs that the run lacks (the store stopped answering after
+    the checkpoint was written); returns them."""
+    import time
+
+    from mlflow.entities import Metric
+
+    logged = {m.step for m in client().get_metric_history(run_id, "test_accuracy")}
+    missing = [epoch for epoch in history if epoch["epoch"] not in logged]
+    now = int(time.time() * 1000)
+    if missing:
+        client().log_batch(run_id, metrics=[Metric(name, value, now, epoch["epoch"])
+                                            for epoch in missing for name, value in epoch.items()
+                                            if name != "epoch"])
+    return [epoch["epoch"] for epoch in missing]
 
 
 def log_new_run(run_id: str, params: Any, history: list[dict]) -> None:

@@ -95,7 +95,9 @@ def resume_or_open(run: TrainingRun, experiment_id: str, device_name: str) -> st
         run.restore(resumed)
         run_id = resumed["mlflow_run_id"]
         if tracking.run_exists(run_id):
-            print(f"train: resuming after epoch {len(run.history)} (MLflow run {run_id})")
+            missed = tracking.log_missing_epochs(run_id, run.history)
+            print(f"train: resuming after epoch {len(run.history)} (MLflow run {run_id}"
+                  f"{'; epochs ' + ', '.join(map(str, missed)) + ' logged now' if missed else ''})")
         else:  # the store was deleted or replaced since: carry the epochs into a new run
             run_id = tracking.new_run(experiment_id, {**tags, "resumed_from": run_id})
             print(f"train: resuming after epoch {len(run.history)}; its MLflow run "
@@ -111,14 +113,20 @@ def resume_or_open(run: TrainingRun, experiment_id: str, device_name: str) -> st
 def save_epoch(run: TrainingRun, run_id: str, metrics: dict) -> None:
     """After an epoch: the checkpoint, then the metrics to every sink (MLflow, the DVC plots
     file, the log line). All or nothing: a stop signal waits for the end of the block. The
-    checkpoint comes first (resume trusts it). MLflow gets the metrics through its queue (a
-    synchronous sqlite write would cost 4% of a 0.3 s GPU epoch); tracking.run_status
-    flushes it before the run ends, however it ends."""
+    checkpoint comes first (resume trusts it). A local MLflow store gets the metrics through
+    its queue (a synchronous sqlite write would cost 4% of a 0.3 s GPU epoch; run_status
+    flushes it before the run ends, however it ends); a server gets them at once, so a
+    server that stopped answering stops the training at this epoch, not at the end."""
     with tracking.signals_deferred():
         write_atomic(CHECKPOINT_FILE, lambda f: torch.save(
             {"recipe": recipe(run.params), "mlflow_run_id": run_id, **run.state()}, f))
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
-                           step=metrics["epoch"], synchronous=False)
+        try:
+            mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
+                               step=metrics["epoch"], synchronous=tracking.is_remote())
+        except Exception as err:  # noqa: BLE001 - whatever the client raised: the store is gone
+            raise tracking.TrackingError(tracking.redact(
+                f"MLflow tracking store {tracking.tracking_uri()} stopped answering after "
+                f"epoch {metrics['epoch']} ({type(err).__name__})")) from None
         write_csv(CURVES_FILE, METRIC_NAMES, run.history)
         print("train: " + "  ".join(_format(k, v) for k, v in metrics.items()), flush=True)
 
@@ -199,6 +207,9 @@ if __name__ == "__main__":
         # KeyboardInterrupt has no message; SIGTERM's names the signal.)
         sys.exit(f"train: {str(err) or 'interrupted by Ctrl-C'}; finished epochs are kept in "
                  f"{CHECKPOINT_FILE} (`train.resume: true` continues from the last one)")
+    except tracking.TrackingError as err:
+        sys.exit(f"train: error: {err}; finished epochs are kept in {CHECKPOINT_FILE}: start "
+                 f"the server again and rerun with train.resume: true to continue the same run")
     except TrainingDiverged as err:
         # The run is FAILED in MLflow (tracking.run_status), no model was saved, and the
         # checkpoint holds the last epoch that finished with a finite loss.

@@ -26,7 +26,13 @@ from test_pipeline import BIN, run, tiny_project
 
 from benchmarks.results_table import Repeat, rows, summarize, verdict
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
-from tools.repeats import aggregate, close_group, open_group
+from tools.repeats import (
+    aggregate,
+    close_group,
+    finished_repeats,
+    open_group,
+    reopen_group,
+)
 
 # --- bad input ---------------------------------------------------------------------------
 
@@ -120,6 +126,26 @@ def test_group_with_a_missing_repeat_closes_incomplete(tmp_path):
     run_ = client.get_run(parent)
     assert run_.info.status == "FINISHED" and run_.data.tags["complete"] == "false"
     assert run_.data.metrics["final_test_accuracy_mean"] == 0.997
+
+
+def test_resume_reopens_the_group_and_runs_only_the_missing_repeats(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.create_experiment("mnist-cnn")
+    members = ["I3-s0", "I3-s1", "I3-s2"]
+    parent = open_group(client, experiment_id, "I3", members)
+    for name, accuracy in (("I3-s0", 0.995), ("I3-s2", 0.993)):
+        child = client.create_run(experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": parent, "dvc_exp_name": name})
+        client.log_metric(child.info.run_id, "final_test_accuracy", accuracy)
+        client.set_terminated(child.info.run_id, "FINISHED")
+    assert close_group(client, experiment_id, parent)["complete"] is False
+
+    assert reopen_group(client, experiment_id, "I3", members) == parent
+    assert client.get_run(parent).info.status == "RUNNING"  # children join it again
+    assert sorted(finished_repeats(client, experiment_id, parent)) == ["I3-s0", "I3-s2"]
+    with pytest.raises(SystemExit, match="planned 3 repeats .* not 2"):
+        reopen_group(client, experiment_id, "I3", members[:2])
+    assert reopen_group(client, experiment_id, "I1", ["I1-s0"]) is None  # no group yet
 
 
 # --- end to end: 2 presets x 2 random seeds on tiny data --------------------------------------

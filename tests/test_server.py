@@ -18,9 +18,9 @@ from test_pipeline import BIN, free_port, tiny_project
 pytestmark = pytest.mark.slow
 
 
-def start_server(backend: str, artifacts: Path) -> tuple[subprocess.Popen, str]:
-    """`make server`'s command on a free local port; waits until it answers."""
-    port = free_port()
+def start_server(backend: str, artifacts: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`make server`'s command on a free local port (or `port`); waits until it answers."""
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true")
     process = subprocess.Popen(
@@ -59,7 +59,7 @@ def server(request, tmp_path_factory):
         postgres, backend = start(folder / "postgres")
     process, url = start_server(backend, folder / "artifacts")
     try:
-        yield url, folder / "artifacts"
+        yield url, folder / "artifacts", request.param
     finally:
         stop(process)
         if postgres is not None:
@@ -74,27 +74,36 @@ def run_against(url: str, cmd: list[str], cwd: Path) -> subprocess.CompletedProc
     return result
 
 
-def test_a_dvc_exp_run_lands_on_the_server(server, tmp_path):
-    url, artifacts = server
+def test_dvc_exp_runs_land_on_the_server(server, tmp_path):
+    """On sqlite, four queued experiments two at a time (two clients at once); on PostgreSQL
+    one `dvc exp run`. Every run arrives whole: params, each epoch, reports, the model."""
+    url, artifacts, backend = server
     project = tiny_project(tmp_path)
-    run_against(url, [str(BIN / "dvc"), "exp", "run", "-n", "on-server", "-S", "train.lr=0.04"],
-                project)
+    rates = ["0.04", "0.05", "0.06", "0.07"] if backend == "sqlite" else ["0.04"]
+    for i, lr in enumerate(rates):
+        run_against(url, [str(BIN / "dvc"), "exp", "run", *(["--queue"] if len(rates) > 1 else []),
+                          "-n", f"on-server-{i}", "-S", f"train.lr={lr}"], project)
+    if len(rates) > 1:
+        run_against(url, [str(BIN / "dvc"), "exp", "run", "--run-all", "-j", "2"], project)
 
     mlflow.set_tracking_uri(url)
-    (run,) = mlflow.search_runs(experiment_names=["mnist-cnn"], output_format="list")
-    assert run.info.status == "FINISHED" and run.info.run_name == "on-server"
-    assert run.data.params["train.lr"] == "0.04"
     client = mlflow.MlflowClient()
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
-    assert "final_test_accuracy" in run.data.metrics
-    # Artifacts went through the server into its artifacts folder, not to the client's disk.
-    assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"reports"}
-    stored = {p.name for p in artifacts.rglob("*") if p.is_file()}
-    assert {"metrics.json", "MLmodel", "model_report.md"} <= stored, stored
+    found = mlflow.search_runs(experiment_names=["mnist-cnn"], output_format="list")
+    assert sorted(run.info.run_name for run in found) == [f"on-server-{i}" for i in range(len(rates))]
+    assert sorted(run.data.params["train.lr"] for run in found) == rates
+    for run in found:
+        assert run.info.status == "FINISHED", run.info.run_name
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
+        assert steps == [1, 2], (run.info.run_name, steps)
+        assert "final_test_accuracy" in run.data.metrics
+        # Artifacts went through the server into its folder, not to the client's disk.
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"reports"}
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        assert model.metadata.signature is not None
+    stored = [p.name for p in artifacts.rglob("*") if p.is_file()]
+    assert stored.count("MLmodel") == len(rates) and stored.count("metrics.json") == len(rates)
     assert not (project / "mlruns").exists()
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    assert model.metadata.signature is not None
 
 
 def test_the_server_ui_lists_the_run(server, tmp_path):
@@ -104,11 +113,72 @@ def test_the_server_ui_lists_the_run(server, tmp_path):
 
     if shutil.which("chromium") is None:
         pytest.skip("no chromium on PATH (.ci/run installs Debian's package)")
-    url, _ = server
+    url, _, _ = server
     mlflow.set_tracking_uri(url)
     experiment = mlflow.get_experiment_by_name("mnist-cnn")
     if experiment is None:  # this backend's pipeline test did not run first
         pytest.skip("no run on this server")
     with browser_page() as page:
         page.goto(runs_page(url, experiment.experiment_id))
-        page.get_by_text("on-server", exact=True).first.wait_for()
+        page.get_by_text("on-server-0", exact=True).first.wait_for()
+
+
+@pytest.mark.fault
+def test_server_lost_mid_run_then_resumed_into_the_same_run(tmp_path):
+    """The server stops after a few epochs: the stage stops within seconds with one line,
+    the checkpoint keeps the finished epochs, and once the server is back
+    `train.resume: true` finishes the same MLflow run, every epoch logged once."""
+    import yaml
+
+    project = tiny_project(tmp_path / "project")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"].update(epochs=8, limit_train=512)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    backend, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts"
+    process, url = start_server(backend, artifacts)
+    port = url.rsplit(":", 1)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_TRACKING_URI=url)
+    train = subprocess.Popen([str(BIN / "python"), "-m", "stages.train"], cwd=project, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        mlflow.set_tracking_uri(url)
+        client = mlflow.MlflowClient()
+        deadline = time.monotonic() + 300
+        while True:  # wait for the first logged epoch
+            assert train.poll() is None, train.communicate()
+            assert time.monotonic() < deadline, "no epoch logged in 300 s"
+            found = mlflow.search_runs(experiment_names=["mnist-cnn"], output_format="list")
+            if found and client.get_metric_history(found[0].info.run_id, "test_accuracy"):
+                run_id = found[0].info.run_id
+                break
+            time.sleep(0.2)
+        stop(process)
+        stopped = time.monotonic()
+        _, stderr = train.communicate(timeout=120)
+        assert time.monotonic() - stopped < 30, "the stage kept going without its server"
+    finally:
+        if train.poll() is None:
+            train.kill()
+    assert train.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "stopped answering after epoch" in lines[-1] and "train.resume: true" in lines[-1], stderr
+    import torch
+
+    kept = torch.load(project / "models/checkpoint.pt", weights_only=True)
+    assert kept["mlflow_run_id"] == run_id and 0 < len(kept["history"]) < 8
+
+    process, url = start_server(backend, artifacts, port=int(port))  # the same address again
+    try:
+        params["train"]["resume"] = True
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        result = subprocess.run([str(BIN / "python"), "-m", "stages.train"], cwd=project, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert f"resuming after epoch {len(kept['history'])} (MLflow run {run_id}" in result.stdout
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run_id, "test_accuracy")]
+        assert sorted(steps) == list(range(1, 9)), steps  # each epoch once
+    finally:
+        stop(process)

@@ -152,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                           if experiment_name(preset, seed) not in done]
         queued = [experiment_name(preset, seed) for seed in to_run[preset]]
         print(f"{preset}: MLflow parent run {parent_id}; queueing {', '.join(queued) or 'nothing'}")
+    stopped = None
     try:
         for preset in args.presets:
             for seed in to_run[preset]:
@@ -160,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     *[arg for item in overrides for arg in ("-S", item)])
         if any(to_run.values()):
             dvc("exp", "run", "--run-all", "-j", str(args.jobs))
+    except subprocess.CalledProcessError as err:  # a failed or stopped run: say so once, below
+        stopped = f"tools.repeats: `{' '.join(err.cmd[2:])}` stopped (exit status {err.returncode})"
     finally:  # also after Ctrl-C or a failed run: what finished is aggregated
         for preset, parent_id in groups.items():
             stats = close_group(client, experiment_id, parent_id)
@@ -167,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{stats['final_test_accuracy_std'] * 100:.2f} pt" if stats["n_runs"] else "")
             print(f"{preset}: {stats['n_runs']} of {stats['planned']} runs finished {line}"
                   f"{'' if stats['complete'] else ' (incomplete)'}")
+    if stopped:
+        sys.exit(f"{stopped}; the finished repeats are kept, and the same command with "
+                 f"--resume (RESUME=1) runs the missing ones")
 
 
 if __name__ == "__main__":
