@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, synthetic_digits, write_idx
+
+from tools.mlflow_ui import free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -156,12 +157,6 @@ def test_exp_run_gap_head_is_a_real_change(project):
 # --- the model users get: registered, promoted, served --------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def post(url: str, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
@@ -187,15 +182,7 @@ def server(project):
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                    break
-            except OSError:
-                assert process.poll() is None, process.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "the model server did not start in 120 s"
-                time.sleep(0.5)
+        wait_until_up(url, process, path="/ping")
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)

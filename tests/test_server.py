@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
-from test_pipeline import BIN, free_port, tiny_project
+from test_pipeline import BIN, tiny_project
+
+from tools.mlflow_ui import free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +30,8 @@ def start_server(backend: str, artifacts: Path, port: int | None = None) -> tupl
          "--workers", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return process, url
-        except OSError:
-            if process.poll() is not None:
-                raise AssertionError(process.stderr.read().decode()[-3000:]) from None
-            assert time.monotonic() < deadline, "the tracking server did not start in 120 s"
-            time.sleep(0.5)
+    wait_until_up(url, process)
+    return process, url
 
 
 def stop(process: subprocess.Popen) -> None:

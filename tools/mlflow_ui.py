@@ -38,17 +38,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 120,
+                  path: str = "/health") -> None:
+    """Wait until an MLflow server (UI, tracking or model server) answers `path`."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
+            with urllib.request.urlopen(f"{url}{path}", timeout=2):
                 return
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError(f"the MLflow UI exited: {process.stderr.read().decode()[-2000:]}") from None
+                raise RuntimeError(f"{process.args[1:3]} exited: "
+                                   f"{process.stderr.read().decode()[-2000:]}") from None
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the MLflow UI did not answer at {url} in {seconds:.0f} s") from None
+                raise RuntimeError(f"nothing answered at {url} in {seconds:.0f} s") from None
             time.sleep(0.5)
 
 
