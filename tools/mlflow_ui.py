@@ -2,7 +2,8 @@
 
     python -m tools.mlflow_ui            (`make ui-screenshot`: docs/mlflow_compare.png)
 
-The screenshot is the compare view of the newest runs of the repo's store (two by default),
+The screenshot is the compare view of the newest training runs of the repo's store (two by
+default; the parent runs that group repeats are left out),
 as `make ui` serves it. The browser is Debian's `chromium` driven by Playwright (PyPI
 `playwright`; its own browser download is never used). The tests drive the same functions
 against `make ui` and against `make server`.
@@ -110,6 +111,17 @@ def compare_page(url: str, experiment_id: str, run_ids: Sequence[str]) -> str:
     return f"{url}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
+def close_side_panel(page) -> None:
+    """MLflow 3's assistant panel takes a third of the page; close it when it is there."""
+    panel = page.get_by_text("MLflow Assistant")
+    if panel.count():
+        buttons = page.get_by_role("button").filter(has=page.locator("svg"))
+        header = panel.first.locator("xpath=ancestor::div[.//button][1]")
+        close = header.get_by_role("button").last if header.count() else buttons.last
+        with contextlib.suppress(Exception):  # a cosmetic step: never fail the screenshot
+            close.click(timeout=3000)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tools.mlflow_ui", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2, help="how many of the newest runs to compare")
@@ -124,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     experiment = mlflow.get_experiment_by_name(tracking.EXPERIMENT_NAME)
     finished = [] if experiment is None else mlflow.search_runs(
         [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=args.runs, output_format="list")
+        order_by=["attributes.start_time DESC"], max_results=200, output_format="list")
+    # Training runs, not the parents that group repeats (tools.repeats).
+    finished = [run for run in finished if tracking.PARENT_TAG not in run.data.tags][:args.runs]
     if len(finished) < 2:
         sys.exit(f"mlflow_ui: error: {args.runs} finished runs needed in {store}, found "
                  f"{len(finished)}: run `dvc repro` and a `dvc exp run` first")
@@ -132,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         with mlflow_ui(store, tracking.project_root() / "mlruns") as url, browser_page() as page:
             page.goto(compare_page(url, experiment.experiment_id, [r.info.run_id for r in finished]))
             page.get_by_text(f"Comparing {len(finished)} Runs").first.wait_for()
-            page.wait_for_timeout(2000)  # the charts draw after the heading
+            close_side_panel(page)
+            page.wait_for_timeout(6000)  # the charts draw again once the panel has gone
             args.out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(args.out), full_page=False)
     except (BrowserMissing, RuntimeError) as err:
