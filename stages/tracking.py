@@ -239,8 +239,10 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if received:
-        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(received[0]).name}")
+    if signal.SIGTERM in received:
+        raise KeyboardInterrupt("stopped by signal SIGTERM")
+    if received:  # Ctrl-C, held until the block ended: reported as Ctrl-C
+        raise KeyboardInterrupt
 
 
 def client() -> mlflow.MlflowClient:
