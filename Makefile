@@ -29,11 +29,15 @@ $(STAMP): requirements.txt
 repro: setup  ## download, train, evaluate on params.yaml
 	$(BIN)/dvc repro
 
+# Test modules run TEST_JOBS at a time (pytest-xdist; a module's tests stay together, so its
+# trained fixtures are made once). Most of the suite's time is end-to-end runs that wait on
+# process start-up and I/O, so two workers help even on two cores.
+TEST_JOBS ?= 2
 test: setup  ## the whole test suite (CI runs this)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
 test-fast: setup  ## skip the tests marked slow
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile -m "not slow"
 
 ui: setup  ## MLflow UI on this repo's store, local only
 	@$(BIN)/python -c "from stages.tracking import ui_url; print('MLflow UI:', ui_url($(UI_PORT)))"

@@ -63,22 +63,27 @@ RELIABILITY = {  # marker -> (singular, plural)
     "fault": ("fault injected", "faults injected"),
     "interruption": ("run interrupted", "runs interrupted"),
 }
-_RELIABILITY_MARKS = pytest.StashKey[dict]()
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    config.stash[_RELIABILITY_MARKS] = {
-        item.nodeid: {name for name in RELIABILITY if item.get_closest_marker(name)}
-        for item in items}
+    # On the item, so that every report carries them (also from pytest-xdist's workers).
+    for item in items:
+        marks = tuple(name for name in RELIABILITY if item.get_closest_marker(name))
+        if marks:
+            item.user_properties.append(("reliability", marks))
+
+
+def _marks(report) -> tuple[str, ...]:
+    return dict(getattr(report, "user_properties", ())).get("reliability", ())
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    marks = config.stash.get(_RELIABILITY_MARKS, {})
     stats = terminalreporter.stats
-    passed = {r.nodeid for r in stats.get("passed", []) if r.when == "call"}
+    passed = {r.nodeid: _marks(r) for r in stats.get("passed", []) if r.when == "call"}
     failed = {r.nodeid for key in ("failed", "error") for r in stats.get(key, [])
-              if getattr(r, "nodeid", None) and marks.get(r.nodeid)}
-    counts = {name: sum(1 for nodeid in passed - failed if name in marks.get(nodeid, ()))
+              if getattr(r, "nodeid", None) and _marks(r)}
+    counts = {name: sum(1 for nodeid, marks in passed.items()
+                        if nodeid not in failed and name in marks)
               for name in RELIABILITY}
     if not any(counts.values()) and not failed:
         return
