@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -188,7 +190,9 @@ def run_status(run_id: str) -> Iterator[None]:
     FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM. Never left RUNNING, and
     metrics logged with `synchronous=False` are all stored before it ends."""
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    # System metrics (CPU, memory, disk; the GPU where nvidia-ml-py is installed) every 10 s.
+    # System metrics (CPU, memory, disk; the GPU where nvidia-ml-py is installed) every 10 s,
+    # without the monitor's own start and stop lines in the stage's log.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     mlflow.start_run(run_id=run_id, log_system_metrics=True)
     try:
         yield
@@ -292,7 +296,9 @@ def log_dataset(raw_dir: Path, lock_file: Path = Path("dvc.lock")) -> None:
         dvc_hash = next((out.get("md5") for out in outs if out.get("path") == raw_dir.as_posix()),
                         None)
     digest = dvc_hash or hashlib.md5("".join(md5s.values()).encode()).hexdigest()
-    source = resolve_dataset_source((project_root() / raw_dir).as_uri())
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is a local folder
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source((project_root() / raw_dir).as_uri())
     dataset = MetaDataset(source, name="mnist", digest=digest.removesuffix(".dir")[:36])
     mlflow.log_input(dataset, context="training",
                      tags={"dvc_hash": dvc_hash or "none", **{f"md5.{k}": v for k, v in md5s.items()}})
