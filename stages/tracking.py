@@ -277,16 +277,17 @@ def group_parent(experiment_id: str, preset: str, exp_name: str | None) -> str |
     return None
 
 
-def log_dataset(raw_dir: Path, lock_file: Path = Path("dvc.lock")) -> None:
+def log_dataset(raw_dir: Path, verified: bool, lock_file: Path = Path("dvc.lock")) -> None:
     """Which data the active run read: MNIST's raw folder as an MLflow dataset input whose
     digest is the folder's DVC hash (from dvc.lock, as `dvc status` knows it), tagged with
-    the MD5 of each of the four files."""
+    the MD5 of each of the four files (MNIST's own when the stage `verified` them)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     from stages.mnist import FILES
 
-    md5s = {name: hashlib.md5((raw_dir / name).read_bytes()).hexdigest() for name in FILES}
+    md5s = dict(FILES) if verified else {
+        name: hashlib.md5((raw_dir / name).read_bytes()).hexdigest() for name in FILES}
     dvc_hash = None
     if lock_file.is_file():
         import yaml

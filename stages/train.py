@@ -60,7 +60,7 @@ def main() -> None:
     device_name = describe(device)
     run_id = resume_or_open(run, experiment_id, device_name)
     with tracking.run_status(run_id):
-        tracking.log_dataset(RAW_DIR)
+        tracking.log_dataset(RAW_DIR, verified=params.data.verify_md5)
         started = time.perf_counter()
         run.capture()
         for metrics in run.epochs():
