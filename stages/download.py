@@ -167,14 +167,19 @@ def _write_checked(write: _Writer, md5: str | None, out: IO[bytes]) -> None:
         raise _SourceError(f"md5 mismatch: got {got}, expected {md5}")
 
 
+def _copy_stream(source: IO[bytes], out: IO[bytes]) -> str:
+    """Copy ``source`` into ``out``; return the md5 written."""
+    digest = hashlib.md5()
+    while chunk := source.read(CHUNK_BYTES * 16):
+        out.write(chunk)
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _copy_file(source: Path, out: IO[bytes]) -> str:
     """Copy a local file into ``out``; return the md5 written."""
-    digest = hashlib.md5()
     with source.open("rb") as file:
-        while chunk := file.read(CHUNK_BYTES * 16):
-            out.write(chunk)
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _copy_stream(file, out)
 
 
 def _from_archive(archive: Path, name: str, out: IO[bytes]) -> str:
@@ -183,11 +188,7 @@ def _from_archive(archive: Path, name: str, out: IO[bytes]) -> str:
         member = tar.extractfile(name)
         if member is None:
             raise _SourceError(f"{name} is not in {archive}")
-        digest = hashlib.md5()
-        while chunk := member.read(CHUNK_BYTES * 16):
-            out.write(chunk)
-            digest.update(chunk)
-    return digest.hexdigest()
+        return _copy_stream(member, out)
 
 
 def pack(raw_dir: Path, archive: Path, names: Sequence[str]) -> None:

@@ -284,10 +284,10 @@ def log_dataset(raw_dir: Path, verified: bool, lock_file: Path = Path("dvc.lock"
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    from stages.files import md5_of_file
     from stages.mnist import FILES
 
-    md5s = dict(FILES) if verified else {
-        name: hashlib.md5((raw_dir / name).read_bytes()).hexdigest() for name in FILES}
+    md5s = dict(FILES) if verified else {name: md5_of_file(raw_dir / name) for name in FILES}
     dvc_hash = None
     if lock_file.is_file():
         import yaml
