@@ -24,7 +24,7 @@ from stages.mnist import (
     IMAGE_SIZE,
     NUM_CLASSES,
 )
-from stages.params import Augment, Normalize
+from stages.params import Augment, Normalize, Train
 
 
 class DataError(RuntimeError):
@@ -38,6 +38,46 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getitem__(self, index: slice) -> Split:
+        return Split(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a training run reads: the images it learns from, and the split it is scored on
+    after every epoch, named as its metrics are (`test_accuracy` or `val_accuracy`)."""
+
+    train: Split
+    holdout: Split
+    holdout_name: str  # "test" or "val"
+
+
+def load_training_data(recipe: Train, device: torch.device | str, root: Path = DATA_ROOT,
+                       verify_md5: bool = True) -> TrainingData:
+    """The training split and the split each epoch is scored on.
+
+    With `train.validation: N` the last N training images are held out and score every
+    epoch; the test files are not even read, so nothing chosen by these scores (a best
+    epoch, a search's winner) has seen a test image. With 0, each epoch is scored on the
+    test set, as the source READMEs did. `train.limit_train` then keeps the first images
+    of what is left for training; `train.limit_test` the first test images.
+    """
+    if not recipe.validation:
+        return TrainingData(
+            load_split(train=True, root=root, limit=recipe.limit_train, device=device,
+                       verify_md5=verify_md5),
+            load_split(train=False, root=root, limit=recipe.limit_test, device=device,
+                       verify_md5=verify_md5),
+            "test")
+    images = load_split(train=True, root=root, device=device, verify_md5=verify_md5)
+    if recipe.validation >= len(images):
+        raise DataError(f"train.validation = {recipe.validation}: the training files hold "
+                        f"{len(images):,} images; hold out fewer, so that some are left to "
+                        f"train on")
+    kept = len(images) - recipe.validation
+    train = images[: min(kept, recipe.limit_train) if recipe.limit_train else kept]
+    return TrainingData(train, images[kept:], "val")
 
 
 def load_split(train: bool, root: Path = DATA_ROOT, limit: int = 0,

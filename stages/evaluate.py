@@ -132,8 +132,9 @@ def plot_curves(curves: Path, path: Path) -> None:
     with curves.open() as f:
         rows = list(csv.DictReader(f))
     epochs = [int(r["epoch"]) for r in rows]
+    holdout = "val" if rows and rows[0].get("val_loss") else "test"  # train.validation on or off
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "test"):
+    for split in ("train", holdout):
         loss_ax.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], marker="o", label=split)
         acc_ax.plot(epochs, [float(r[f"{split}_accuracy"]) for r in rows], marker="o", label=split)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")

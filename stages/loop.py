@@ -208,7 +208,10 @@ def predict_split(model: nn.Module, data: Split, batch_size: int, recipe: Train,
 class TrainingRun:
     """One training run: the model and everything that moves it forward (optimiser, schedule,
     random streams, data, precision), the finished epochs, and the two routines a run needs:
-    `epochs()` trains and tests epoch after epoch, `state()` / `restore()` checkpoint it.
+    `epochs()` trains and scores epoch after epoch, `state()` / `restore()` checkpoint it.
+    Each epoch is scored on `holdout`: the test set, or a validation split of the training
+    images (`train.validation`), and its metrics are named after it (`test_accuracy`,
+    `val_accuracy`).
 
     The train stage, every benchmark and the tests drive training through this one object,
     so they measure the recipe that ships, and a recipe change is made once.
@@ -221,28 +224,36 @@ class TrainingRun:
     generator: torch.Generator
     dtype: torch.dtype
     train: Split
-    test: Split
+    holdout: Split
     eval_batch_size: int
+    holdout_name: str = "test"  # or "val": the prefix of the scores' metric names
     history: list[dict] = field(default_factory=list)
     forward: Forward | None = None  # training_forward's result; the eager model until set
 
     @classmethod
-    def start(cls, params: Params, train: Split, test: Split, dtype: torch.dtype,
-              eval_batch_size: int | None = None, seed: int | None = None) -> TrainingRun:
+    def start(cls, params: Params, train: Split, holdout: Split, dtype: torch.dtype,
+              eval_batch_size: int | None = None, seed: int | None = None,
+              holdout_name: str = "test") -> TrainingRun:
         """A fresh run of `params` on the device the data lives on."""
         model, optimizer, scheduler, generator = start_training(
             params, train.images.device, steps_per_epoch(len(train), params.train.batch_size),
             params.base.seed if seed is None else seed)
-        return cls(params, model, optimizer, scheduler, generator, dtype, train, test,
-                   eval_batch_size or params.evaluate.batch_size)
+        return cls(params, model, optimizer, scheduler, generator, dtype, train, holdout,
+                   eval_batch_size or params.evaluate.batch_size, holdout_name)
+
+    @property
+    def score_key(self) -> str:
+        """The metric a run is judged by each epoch: `test_accuracy` or `val_accuracy`."""
+        return f"{self.holdout_name}_accuracy"
 
     def capture(self) -> None:
         """Replay full batches as CUDA graphs where that applies (see `training_forward`)."""
         self.forward = training_forward(self.model, self.train, self.params.train, self.dtype)
 
     def epochs(self) -> Iterator[dict[str, float]]:
-        """Train the epochs not yet done, testing after each; yield each epoch's metrics once
-        it is in `history` (the caller saves them between epochs, outside `epoch_seconds`)."""
+        """Train the epochs not yet done, scoring each on `holdout`; yield each epoch's
+        metrics once it is in `history` (the caller saves them between epochs, outside
+        `epoch_seconds`)."""
         recipe = self.params.train
         for epoch in range(len(self.history) + 1, recipe.epochs + 1):
             started = time.perf_counter()
@@ -250,18 +261,20 @@ class TrainingRun:
             per_batch = self.scheduler if recipe.scheduler == "onecycle" else None
             metrics = train_one_epoch(self.model, self.train, self.optimizer, per_batch, recipe,
                                       self.generator, self.dtype, epoch, self.forward)
-            result = predict_split(self.model, self.test, self.eval_batch_size, recipe, self.dtype)
-            check_converging(epoch, metrics["train_loss"], result.loss, recipe)
+            result = predict_split(self.model, self.holdout, self.eval_batch_size, recipe,
+                                   self.dtype)
+            check_converging(epoch, metrics["train_loss"], result.loss, recipe, self.holdout_name)
             self.step_epoch_scheduler(result.loss)
-            self.history.append({"epoch": epoch, **metrics, "test_loss": result.loss,
-                                 "test_accuracy": result.accuracy, "lr": lr,
+            name = self.holdout_name
+            self.history.append({"epoch": epoch, **metrics, f"{name}_loss": result.loss,
+                                 f"{name}_accuracy": result.accuracy, "lr": lr,
                                  "epoch_seconds": time.perf_counter() - started})
             yield self.history[-1]
 
-    def step_epoch_scheduler(self, test_loss: float) -> None:
+    def step_epoch_scheduler(self, holdout_loss: float) -> None:
         """StepLR and ReduceLROnPlateau step once per epoch (OneCycle steps every batch)."""
         if self.params.train.scheduler == "plateau":
-            self.scheduler.step(test_loss)
+            self.scheduler.step(holdout_loss)
         elif self.params.train.scheduler == "step":
             self.scheduler.step()
 
@@ -282,9 +295,10 @@ class TrainingRun:
         self.history = list(state["history"])
 
 
-def check_converging(epoch: int, train_loss: float, test_loss: float, recipe: Train) -> None:
+def check_converging(epoch: int, train_loss: float, holdout_loss: float, recipe: Train,
+                     holdout_name: str = "test") -> None:
     """Stop a run whose epoch ended diverged, before anything of that epoch is saved."""
-    for name, loss in (("training", train_loss), ("test", test_loss)):
+    for name, loss in (("training", train_loss), (holdout_name, holdout_loss)):
         if not math.isfinite(loss) or loss > DIVERGED_LOSS:
             clip = ("set train.grad_clip (e.g. 1.0)" if recipe.grad_clip == 0
                     else f"lower train.grad_clip (now {recipe.grad_clip:g})")
@@ -294,13 +308,13 @@ def check_converging(epoch: int, train_loss: float, test_loss: float, recipe: Tr
                 f"{recipe.lr:g}) or {clip}")
 
 
-def time_to_accuracy(history: list[dict], target: float) -> dict:
-    """The first epoch whose test accuracy reached `target`, and the seconds of training and
-    testing up to its end (bookkeeping between epochs excluded); None for both if none did."""
+def time_to_accuracy(history: list[dict], target: float, key: str = "test_accuracy") -> dict:
+    """The first epoch whose score (`key`) reached `target`, and the seconds of training and
+    scoring up to its end (bookkeeping between epochs excluded); None for both if none did."""
     elapsed = 0.0
     for metrics in history:
         elapsed += metrics["epoch_seconds"]
-        if metrics["test_accuracy"] >= target:
+        if metrics[key] >= target:
             return {"epoch_to_target": metrics["epoch"], "seconds_to_target": round(elapsed, 2),
                     "target_accuracy": target}
     return {"epoch_to_target": None, "seconds_to_target": None, "target_accuracy": target}

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from stages.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES
+from stages.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES, TRAIN_IMAGES
 
 PARAMS_FILE = Path("params.yaml")
 PRESETS_DIR = Path("conf/preset")
@@ -279,6 +279,10 @@ class Train(Section):
     channels_last: bool
     cuda_graphs: bool
     cudnn_benchmark: bool
+    # Hold out the last N training images as a validation split: each epoch is then scored
+    # on them, and the test set is left for the evaluate stage alone (0: score on the test
+    # set every epoch, as the source READMEs did).
+    validation: Annotated[int, Field(ge=0, lt=TRAIN_IMAGES, strict=True)]
     limit_train: NonNegativeInt
     limit_test: NonNegativeInt
     resume: bool
@@ -325,7 +329,7 @@ class Params(Section):
         return self
 
 
-def training_memory_bytes(params: Params, train_images: int = 60_000) -> int:
+def training_memory_bytes(params: Params, train_images: int = TRAIN_IMAGES) -> int:
     """A generous estimate of the memory one training run of `params` takes on its device.
 
     Weights, gradients and two optimiser buffers (4 copies of every parameter); every

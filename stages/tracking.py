@@ -330,7 +330,7 @@ def log_missing_epochs(run_id: str, history: list[dict]) -> list[int]:
 
     from mlflow.entities import Metric
 
-    logged = {m.step for m in client().get_metric_history(run_id, "test_accuracy")}
+    logged = {m.step for m in client().get_metric_history(run_id, "train_loss")}
     missing = [epoch for epoch in history if epoch["epoch"] not in logged]
     now = int(time.time() * 1000)
     if missing:

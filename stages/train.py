@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from stages import tracking, validate
-from stages.data import DataError, load_split
+from stages.data import DataError, load_training_data
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.files import write_atomic, write_csv, write_json
 from stages.loop import TARGET_ACCURACY, TrainingDiverged, TrainingRun, time_to_accuracy
@@ -26,8 +26,12 @@ from stages.model import PixelClassifier, count_parameters
 from stages.params import Params, ParamsError, read_params_file
 from stages.paths import CHECKPOINT_FILE, CURVES_FILE, MODEL_FILE, TRAIN_METRICS_FILE
 
-METRIC_NAMES = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
-                "epoch_seconds")
+
+# The columns of reports/training_curves.csv. An epoch is scored on the test set or, with
+# `train.validation`, on the validation split; the other split's two columns stay empty, so
+# that the file (and DVC's plots of it) has the same fields either way.
+METRIC_NAMES = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                "val_loss", "val_accuracy", "lr", "epoch_seconds")
 
 
 def recipe(params: Params) -> dict:
@@ -53,10 +57,11 @@ def load_resumable(params: Params) -> dict | None:
 
 
 def main() -> None:
-    params, device, train_data, test_data, experiment_id = prepare()
+    params, device, data, experiment_id = prepare()
     configure(device, params.train.cudnn_benchmark)
-    run = TrainingRun.start(params, train_data, test_data,
-                            resolve_precision(params.train.precision, device))
+    run = TrainingRun.start(params, data.train, data.holdout,
+                            resolve_precision(params.train.precision, device),
+                            holdout_name=data.holdout_name)
     device_name = describe(device)
     run_id = resume_or_open(run, experiment_id, device_name)
     with tracking.run_status(run_id):
@@ -70,14 +75,12 @@ def main() -> None:
 
 def prepare() -> tuple:
     """Everything that can be wrong with the inputs, checked before any work starts; one
-    line and exit on the first problem. Returns params, device, both splits, experiment id."""
+    line and exit on the first problem. Returns params, device, the data, experiment id."""
     try:
         params, _ = validate.check(read_params_file())  # the validate stage's checks, again
         device = resolve_device(params.train.device)
-        recipe, verify = params.train, params.data.verify_md5
-        train_data = load_split(train=True, limit=recipe.limit_train, device=device, verify_md5=verify)
-        test_data = load_split(train=False, limit=recipe.limit_test, device=device, verify_md5=verify)
-        return params, device, train_data, test_data, tracking.connect()
+        data = load_training_data(params.train, device, verify_md5=params.data.verify_md5)
+        return params, device, data, tracking.connect()
     except (ParamsError, DataError, tracking.TrackingError) as err:
         sys.exit(f"train: error: {err}")
 
@@ -106,6 +109,7 @@ def resume_or_open(run: TrainingRun, experiment_id: str, device_name: str) -> st
             tracking.log_new_run(run_id, params, run.history)
     print(f"train: {count_parameters(run.model):,} parameters on {device_name}, "
           f"{str(run.dtype).removeprefix('torch.')}, {len(run.train):,} training images, "
+          f"{len(run.holdout):,} {run.holdout_name} images scored per epoch, "
           f"MLflow run {run_id} at {tracking.redact(tracking.tracking_uri())}")
     return run_id
 
@@ -133,13 +137,13 @@ def save_epoch(run: TrainingRun, run_id: str, metrics: dict) -> None:
 
 def finish(run: TrainingRun, run_id: str, train_seconds: float, device_name: str) -> None:
     """The final model, the summary metrics and the MLflow model."""
-    history = run.history
+    history, score = run.history, run.score_key
     save_model(run.model, run.params, run_id)
-    best = max(history, key=lambda m: m["test_accuracy"])
+    best = max(history, key=lambda m: m[score])
     # The final model's test accuracy is the evaluate stage's (reports/metrics.json): it is
     # not repeated here, so `dvc exp show` has one test accuracy column, not three.
     summary = {
-        "best_test_accuracy": best["test_accuracy"],
+        f"best_{score}": best[score],
         "best_epoch": best["epoch"],
         "epochs": run.params.train.epochs,
         "params": count_parameters(run.model),
@@ -147,17 +151,18 @@ def finish(run: TrainingRun, run_id: str, train_seconds: float, device_name: str
         # Training images per second of whole epochs: the test pass after each is included.
         "epoch_images_per_second": round(len(run.train) * len(history) /
                                          sum(m["epoch_seconds"] for m in history)),
-        **time_to_accuracy(history, TARGET_ACCURACY),
+        **time_to_accuracy(history, TARGET_ACCURACY, score),
         "device": device_name,
     }
     write_json(TRAIN_METRICS_FILE, summary)
-    mlflow.log_metrics({"best_test_accuracy": best["test_accuracy"],
+    mlflow.log_metrics({f"best_{score}": best[score],
                         "train_seconds": summary["train_seconds"],
                         **({"seconds_to_target": summary["seconds_to_target"]}
                            if summary["seconds_to_target"] is not None else {})})
     log_model(run.model, run.params, run.train.images[:2])
-    print(f"train: final test accuracy {history[-1]['test_accuracy']:.4f}, best "
-          f"{best['test_accuracy']:.4f} (epoch {best['epoch']}), {train_seconds:.1f} s "
+    name = "test" if run.holdout_name == "test" else "validation"
+    print(f"train: final {name} accuracy {history[-1][score]:.4f}, best "
+          f"{best[score]:.4f} (epoch {best['epoch']}), {train_seconds:.1f} s "
           f"on {device_name}")
 
 

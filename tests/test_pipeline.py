@@ -3,6 +3,7 @@ a tiny synthetic MNIST, then the DVC outputs and the MLflow run they leave behin
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -88,8 +89,10 @@ def test_repro_writes_model_metrics_and_reports(project):
     assert report["layers"][-1]["name"] == "fc"
     curves = (project / "reports/training_curves.csv").read_text().splitlines()
     assert curves[0].split(",") == ["epoch", "train_loss", "train_accuracy", "test_loss",
-                                    "test_accuracy", "lr", "epoch_seconds"]
+                                    "test_accuracy", "val_loss", "val_accuracy", "lr",
+                                    "epoch_seconds"]
     assert len(curves) == 3
+    assert all(line.split(",")[5:7] == ["", ""] for line in curves[1:])  # no validation split
     for png in ("training_curves.png", "confusion_matrix.png"):
         assert (project / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -152,6 +155,28 @@ def test_exp_run_gap_head_is_a_real_change(project):
     last = runs(project)[-1]
     assert last.info.run_name == "gap-head" and last.data.tags["dvc_exp_name"] == "gap-head"
     assert last.data.params["model.head"] == "gap" and last.info.status == "FINISHED"
+
+
+def test_exp_run_with_a_validation_split_scores_epochs_on_it(project):
+    run([str(BIN / "dvc"), "exp", "run", "-n", "held-out", "-S", "train.validation=256"], project)
+    with (project / "reports/training_curves.csv").open() as file:
+        curves = list(csv.DictReader(file))
+    assert [row["epoch"] for row in curves] == ["1", "2"]
+    assert all(row["val_accuracy"] and not row["test_accuracy"] for row in curves)
+    summary = json.loads((project / "reports/train_metrics.json").read_text())
+    assert "best_val_accuracy" in summary and "best_test_accuracy" not in summary
+    last = runs(project)[-1]
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(last.info.run_id, "val_accuracy")] == [1, 2]
+    # The test set appears once, for the final model (the evaluate stage), never per epoch.
+    assert client.get_metric_history(last.info.run_id, "test_accuracy") == []
+    assert "final_test_accuracy" in last.data.metrics
+    assert last.data.params["train.validation"] == "256"
+    # DVC draws the curves from the validation columns, with no missing-field error.
+    shown = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], project).stdout)
+    assert not shown.get("errors"), shown["errors"]
+    fields = {row["field"] for row in shown["data"]["Accuracy"][0]["content"]["data"]["values"]}
+    assert {"train_accuracy", "val_accuracy"} <= fields
 
 
 # --- the model users get: registered, promoted, served --------------------------------------
