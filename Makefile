@@ -16,7 +16,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui ui-screenshot server postgres promote serve predict iterations readmes seeds exps results bench bench-overheads profile recipes same-recipe plots params clean-venv
+.PHONY: setup repro test test-fast ui ui-screenshot server postgres promote serve predict iterations readmes seeds repeats search exps results bench bench-overheads profile recipes same-recipe plots params clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -85,6 +85,26 @@ readmes: setup  ## the recipes of READMEs 000 to 003, REPEATS random seeds each
 	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(READMES)
 
 seeds: readmes  # the old name of `make readmes`, until the next release
+
+repeats: setup  ## any presets, REPEATS random seeds each: make repeats PRESETS="search8000 I3"
+	@test -n "$(PRESETS)" || { echo 'make repeats: give PRESETS="NAME ..." (names from conf/preset/)'; exit 2; }
+	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(PRESETS)
+
+# The most accurate model within BUDGET parameters: an Optuna study of TRIALS trials of
+# EPOCHS epochs, scored on the last VALIDATION training images, its best trial written to
+# conf/preset/ (tools/search.py). The study is in search.db, or SEARCH_STORAGE (PostgreSQL):
+# the same command on other machines, with the same SEARCH_STORAGE and MLFLOW_TRACKING_URI,
+# adds workers to it. EXACT=1: every model has exactly BUDGET parameters.
+BUDGET ?= 8000
+EPOCHS ?= 15
+TRIALS ?= 40
+SPACE ?= default
+VALIDATION ?= 10000
+SEARCH_ARGS = --budget "$(BUDGET)" --epochs "$(EPOCHS)" --trials "$(TRIALS)" --space "$(SPACE)" \
+	--validation "$(VALIDATION)" $(if $(STUDY),--study "$(STUDY)") $(if $(PRESET),--preset "$(PRESET)") \
+	$(if $(EXACT),--exact) $(foreach item,$(SET),--set "$(item)")
+search: setup  ## search BUDGET parameters, EPOCHS epochs, TRIALS trials (SPACE, STUDY, PRESET, EXACT=1)
+	$(BIN)/python -m tools.search $(SEARCH_ARGS)
 
 # `dvc exp show` lists every param and every dependency's hash (80 columns); this keeps the
 # recipe name and random seed, the params that differ between experiments, and the metrics.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -27,27 +26,7 @@ from stages.data import load_split
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.loop import TARGET_ACCURACY, TrainingRun, time_to_accuracy
 from stages.model import count_parameters
-from stages.params import Params, parse_params
-
-CONF = Path("conf")
-
-
-def compose(preset: str, conf: Path = CONF, overrides: list[str] = ()) -> dict:
-    """The params `dvc exp run -S preset=NAME -S KEY=VALUE ...` would write (`default`: no
-    preset), composed by Hydra itself, which DVC calls for it (hydra-core is small and pure
-    Python, so this runs where DVC is not installed)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    known = sorted(p.stem for p in (conf / "preset").glob("*.yaml"))
-    if preset != "default" and preset not in known:
-        raise SystemExit(f"--presets: no preset {preset!r} (known: default, {', '.join(known)})")
-    choice = [] if preset == "default" else [f"preset={preset}"]
-    with initialize_config_dir(str(conf.resolve()), version_base=None):
-        config = hydra_compose(config_name="config", overrides=[*choice, *overrides])
-    return OmegaConf.to_container(config, resolve=True)
-
+from stages.params import Params, ParamsError, compose, parse_params
 
 def time_recipe(params: Params, device: torch.device, train, test) -> dict:
     """Train `params`' recipe once; its history, loop seconds and summary figures."""
@@ -93,7 +72,10 @@ def main() -> None:
     args = parser.parse_args()
 
     # Every preset is composed and validated before any training starts.
-    recipes = {name: parse_params(compose(name, overrides=args.set)) for name in args.presets}
+    try:
+        recipes = {name: parse_params(compose(name, overrides=args.set)) for name in args.presets}
+    except ParamsError as err:
+        raise SystemExit(f"benchmarks.recipe_time: error: {err}") from None
     device = resolve_device(args.device)
     first = next(iter(recipes.values())).train  # process-wide settings: --set applies to all
     configure(device, first.cudnn_benchmark)

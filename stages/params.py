@@ -15,7 +15,7 @@ from __future__ import annotations
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
 from pydantic import (
@@ -32,7 +32,8 @@ from pydantic import (
 from stages.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES, TRAIN_IMAGES
 
 PARAMS_FILE = Path("params.yaml")
-PRESETS_DIR = Path("conf/preset")
+CONF_DIR = Path("conf")
+PRESETS_DIR = CONF_DIR / "preset"
 # torch.manual_seed takes up to 2**64 - 1; numpy and `random` only 2**32 - 1. Keep to the
 # range every library accepts, so a seed means the same everywhere.
 MAX_SEED = 2**32 - 1
@@ -378,6 +379,28 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 def preset_names(presets_dir: Path = PRESETS_DIR) -> list[str]:
     """The recipes `-S preset=NAME` accepts: the files of conf/preset/."""
     return sorted(path.stem for path in presets_dir.glob("*.yaml"))
+
+
+def compose(preset: str = "default", overrides: Sequence[str] = (), conf: Path = CONF_DIR) -> dict:
+    """The params `dvc exp run -S preset=NAME -S KEY=VALUE ...` would write (`default`: no
+    preset), composed by Hydra itself, which DVC calls for it (hydra-core is small and pure
+    Python, so this also runs where DVC is not installed). Not yet validated."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    known = preset_names(conf / "preset")
+    if preset != "default" and preset not in known:
+        raise ParamsError(f"preset {echo(preset)}: no such preset; use default or a name "
+                          f"from {conf / 'preset'}/: {', '.join(known)}")
+    choice = [] if preset == "default" else [f"preset={preset}"]
+    try:
+        with initialize_config_dir(str(conf.resolve()), version_base=None):
+            config = hydra_compose(config_name="config", overrides=[*choice, *overrides])
+    except HydraException as err:  # a malformed or unknown override
+        raise ParamsError(str(err).strip().splitlines()[0]) from None
+    return OmegaConf.to_container(config, resolve=True)
 
 
 def renamed_preset(name: str, presets_dir: Path = PRESETS_DIR) -> str | None:

@@ -76,8 +76,9 @@ SERVER_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
-def connect() -> str:
-    """Point MLflow at the store and return the experiment id, failing fast when unreachable.
+def connect(experiment_name: str = EXPERIMENT_NAME) -> str:
+    """Point MLflow at the store and return the id of the experiment (created if new),
+    failing fast when unreachable.
 
     MLflow retries HTTP requests for minutes by default; the probe uses one short attempt so
     a dead server stops the stage in seconds, before any training.
@@ -92,13 +93,13 @@ def connect() -> str:
     os.environ.update(probe_env)
     try:
         with _store_lock(uri):  # the first call creates a new store's tables
-            experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+            experiment = mlflow.get_experiment_by_name(experiment_name)
         if experiment is not None:
             return experiment.experiment_id
         try:
-            return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(uri))
+            return mlflow.create_experiment(experiment_name, artifact_location=artifact_location(uri))
         except MlflowException:  # a parallel queued run created it first
-            return mlflow.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
+            return mlflow.get_experiment_by_name(experiment_name).experiment_id
     except Exception as err:  # noqa: BLE001 - any failure here means "cannot track"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrackingError(redact(f"MLflow tracking store {uri} is unreachable or unusable: "

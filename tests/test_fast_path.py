@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.recipe_time import compose
+from stages.params import ParamsError, compose
 from stages.data import load_split, normalize, random_affine
 from stages.loop import (
     TrainingRun,
@@ -76,12 +76,13 @@ def test_recipe_benchmark_composes_presets_as_dvc_does(preset, tmp_path):
     out = tmp_path / "params.yaml"
     overrides = [] if preset == "default" else [f"preset={preset}"]
     compose_and_dump(out, str(REPO / "conf"), None, "config", str(REPO), overrides)
-    assert compose(preset, REPO / "conf") == yaml.safe_load(out.read_text())
+    assert compose(preset, conf=REPO / "conf") == yaml.safe_load(out.read_text())
 
 
 def test_recipe_benchmark_refuses_an_unknown_preset():
-    with pytest.raises(SystemExit, match="no preset 'I9'.*known: default, I0"):
-        compose("I9", REPO / "conf")
+    with pytest.raises(ParamsError, match="preset 'I9': no such preset; use default or a name "
+                                          "from .*: I0, I1"):
+        compose("I9", conf=REPO / "conf")
 
 
 # --- on a CUDA GPU ----------------------------------------------------------------------------

@@ -1,0 +1,340 @@
+"""`make search` (tools/search.py): a budget that is kept, a validation split that keeps the
+test set out of every choice, a study tracked in MLflow and written out as a preset, one
+that survives Ctrl-C, and two workers sharing one study in a real PostgreSQL.
+
+* the space files and the budget, without training: every model is within the budget (and
+  exactly on it with --exact), the widest that fits, and a layout that cannot fit never
+  trains;
+* bad options, budgets, spaces and storages are refused in one line before any trial, and
+  leave no study and no MLflow store behind;
+* end to end on tiny data, in a copy of the repo: a study whose project has no test files
+  at all, its MLflow parent and children, the winner as a preset that `dvc exp run` trains;
+  a study stopped by Ctrl-C and continued; two workers at once on a PostgreSQL study.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from conftest import REPO
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_pipeline import BIN, run, tiny_project
+
+from stages.params import compose, parse_params
+from tools import search
+from tools.search import Layout, Range, SearchError, fit, load_space, smallest_model, widest
+
+MODEL_BASE = compose(conf=REPO / "conf")["model"]
+
+# --- the search space -------------------------------------------------------------------------
+
+
+def test_every_shipped_space_loads():
+    for path in (REPO / "conf/search").glob("*.yaml"):
+        space = load_space(path.stem, REPO / "conf/search")
+        assert set(space) == set(search.DIMENSIONS)
+    default = load_space("default", REPO / "conf/search")
+    assert default["lr"] == Range(0.05, 0.5, log=True)
+    assert default["head"] == ["fc", "gap"]
+    i3 = load_space("I3", REPO / "conf/search")
+    assert (i3["head"], i3["lr"], i3["batch_size"], i3["dropout"]) == ("gap", 0.2, 256, 0.05)
+
+
+def write_space(folder: Path, **changes) -> Path:
+    raw = yaml.safe_load((REPO / "conf/search/default.yaml").read_text())
+    for key, value in changes.items():
+        if value is None:
+            del raw[key]
+        else:
+            raw[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "trial.yaml").write_text(yaml.safe_dump(raw))
+    return folder
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("changes, message", [
+    ({"depth": [2, 3]}, "unknown key 'depth'; a space gives each of blocks, convs_per_block"),
+    ({"lr": None}, "missing key 'lr'"),
+    ({"lr": {"low": 0.5, "high": 0.05}}, "lr = {'high': 0.05, 'low': 0.5}: needs low <= high"),
+    ({"lr": {"low": 0.0, "high": 0.5, "log": True}}, "needs low <= high and low > 0 on a log scale"),
+    ({"lr": {"low": 0.1}}, "a range is {low: a, high: b}"),
+    ({"blocks": ["two"]}, "blocks = ['two']: values should be ints"),
+    ({"head": {"low": 1, "high": 2}}, "this dimension takes a list of choices"),
+    ({"batch_size": []}, "a list of choices needs at least one"),
+])
+def test_a_bad_space_file_is_explained(tmp_path, changes, message):
+    with pytest.raises(SearchError, match=re.escape(message)):
+        load_space("trial", write_space(tmp_path, **changes))
+
+
+@pytest.mark.bad_input
+def test_an_unknown_space_names_the_known_ones():
+    with pytest.raises(SearchError, match="SPACE='nope': no such search space; use one of I3, default"):
+        load_space("nope", REPO / "conf/search")
+
+
+layouts = st.builds(
+    Layout, convs=st.lists(st.integers(1, 3), min_size=2, max_size=3).map(tuple),
+    growth=st.floats(1.0, 2.0), squeeze=st.floats(0.4, 1.0), head=st.sampled_from(["fc", "gap"]),
+    dropout=st.sampled_from([0.0, 0.05]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=layouts, budget=st.integers(2_000, 20_000))
+def test_every_model_is_the_widest_within_the_budget(layout, budget):
+    model = fit(layout, budget, MODEL_BASE, exact=False)
+    width = widest(layout, budget, MODEL_BASE)
+    if model is None:  # only a layout over the budget at its narrowest
+        assert search.build_section(layout, search.MIN_WIDTH, MODEL_BASE).parameter_count() > budget
+        return
+    assert model.parameter_count() <= budget
+    # A hair wider and it is over: the budget is used, not just respected.
+    assert search.build_section(layout, width + 0.01, MODEL_BASE).parameter_count() > budget
+
+
+@settings(max_examples=15, deadline=None)
+@given(layout=layouts, budget=st.sampled_from([5_000, 8_000, 14_500]))
+def test_with_exact_every_model_has_exactly_the_budget(layout, budget):
+    model = fit(layout, budget, MODEL_BASE, exact=True)
+    assert model is None or model.parameter_count() == budget
+    if model is not None:  # and torch agrees with the shape walk
+        assert search.built_parameter_count(parse_params({**compose(conf=REPO / "conf"),
+                                                          "model": search.model_section(model)})) == budget
+
+
+def test_the_smallest_model_of_the_default_space():
+    least, layout = smallest_model(load_space("default", REPO / "conf/search"), MODEL_BASE)
+    # two blocks of one 2-channel conv, transitions to 1 channel, GAP onto 10 classes
+    assert (layout.convs, layout.head) == ((1, 1), "gap")
+    assert least == search.build_section(layout, search.MIN_WIDTH, MODEL_BASE).parameter_count()
+
+
+# --- tiny projects ----------------------------------------------------------------------------
+
+
+def search_cmd(*args: str) -> list[str]:
+    return [str(BIN / "python"), "-m", "tools.search", "--epochs", "2", "--validation", "256",
+            "--budget", "3000", *args]
+
+
+def env(project: Path, **extra: str) -> dict:
+    values = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "SEARCH_"))}
+    values["PATH"] = f"{BIN}{os.pathsep}{values['PATH']}"
+    return {**values, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **extra}
+
+
+def study(project: Path, name: str, storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{project / 'search.db'}")
+
+
+def search_runs(project: Path, study_name: str) -> tuple[object, list]:
+    """The study's MLflow parent run and its children (trials), oldest first."""
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=[search.EXPERIMENT], output_format="list",
+                               filter_string=f"tags.{search.STUDY_TAG} = '{study_name}'",
+                               order_by=["attributes.start_time ASC"])
+    (parent,) = [r for r in found if r.data.tags.get("search_parent") == "true"]
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(found) - 1  # every other run of the study is one of its trials
+    return parent, children
+
+
+def trained_trials(stdout: str) -> set[int]:
+    """The trials a worker's output says it finished (complete or pruned)."""
+    return {int(match[1]) for match in re.finditer(r"^tools\.search: trial (\d+): (complete|pruned):",
+                                                   stdout, re.MULTILINE)}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return tiny_project(tmp_path_factory.mktemp("search"))
+
+
+@pytest.fixture(scope="module")
+def untouched_project(tmp_path_factory) -> Path:
+    """A tiny project in which every command is refused, so nothing may appear in it."""
+    return tiny_project(tmp_path_factory.mktemp("refused"))
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, extra_env, message", [
+    (["--budget", "abc"], {}, "BUDGET='abc': should be a whole number of at least 1"),
+    (["--budget", "50"], {}, "BUDGET=50: below the smallest model space default can build (74 "
+                             "parameters: 2 blocks, gap head, width 2); use at least 74"),
+    (["--trials", "0"], {}, "TRIALS='0': should be a whole number of at least 1"),
+    (["--epochs", "-1"], {}, "EPOCHS='-1': should be a whole number of at least 1"),
+    (["--depth", "3"], {}, "unrecognized arguments: --depth 3 (options: --budget, --epochs, --trials"),
+    (["--space", "nope"], {}, "SPACE='nope': no such search space; use one of I3, default"),
+    (["--preset", "I1"], {}, "PRESET=I1: conf/preset/I1.yaml exists and was not written by study"),
+    (["--set", "train.lr=-1"], {}, "train.lr = -1: Input should be greater than 0"),
+    ([], {"SEARCH_STORAGE": "postgresql://nobody:secret@127.0.0.1:9/optuna"},
+     "SEARCH_STORAGE=postgresql+psycopg://nobody:***@127.0.0.1:9/optuna: cannot open the study's storage"),
+])
+def test_bad_input_is_refused_before_any_trial(untouched_project, args, extra_env, message):
+    project = untouched_project
+    result = subprocess.run(search_cmd(*args), cwd=project, env=env(project, **extra_env),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"tools.search: error: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "secret" not in result.stderr
+    # Nothing was started: no study, no MLflow store.
+    assert not (project / "search.db").exists() and not (project / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project):
+    # The test files are not there at all while the study runs.
+    raw = project / "data/MNIST/raw"
+    hidden = project / "hidden"
+    hidden.mkdir()
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.move(raw / name, hidden / name)
+    out = subprocess.run(search_cmd("--trials", "4", "--study", "nt", "--preset", "tinybest",
+                                    "--seed", "0"),
+                         cwd=project, env=env(project), capture_output=True, text=True, timeout=600)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.move(hidden / name, raw / name)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "768 training and 256 validation images" in out.stdout
+
+    found = study(project, "nt")
+    states = [t.state for t in found.trials]
+    assert len(states) == 4 and set(states) <= {optuna.trial.TrialState.COMPLETE,
+                                                optuna.trial.TrialState.PRUNED}
+    for trial in found.trials:
+        if "params" in trial.user_attrs:  # every trained model was counted within the budget
+            assert trial.user_attrs["parameters"] <= 3000
+            assert trial.user_attrs["params"]["train"]["validation"] == 256
+
+    parent, children = search_runs(project, "nt")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["n_complete"] + parent.data.metrics["n_pruned"] == 4
+    assert parent.data.metrics["best_val_accuracy"] == found.best_value
+    assert sorted(int(c.data.tags["optuna_trial"]) for c in children) == [0, 1, 2, 3]
+    client = mlflow.MlflowClient()
+    for child in children:
+        number = int(child.data.tags["optuna_trial"])
+        assert child.data.tags["trial_state"] == found.trials[number].state.name.lower()
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.value for m in history] == [v for _, v in sorted(found.trials[number].intermediate_values.items())]
+        assert not client.get_metric_history(child.info.run_id, "test_accuracy")
+
+    # The winner: a preset that composes to the winning model, trained by `dvc exp run`.
+    best = found.best_trial
+    preset = yaml.safe_load((project / "conf/preset/tinybest.yaml").read_text())
+    assert preset["model"]["layers"] == best.user_attrs["params"]["model"]["layers"]
+    params = parse_params(compose("tinybest", conf=project / "conf"))
+    assert params.model.parameter_count() == best.user_attrs["parameters"]
+    assert params.train.validation == 0  # a preset trains on every training image
+    run(["git", "add", "conf/preset/tinybest.yaml"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "winner"], project)
+    run([str(BIN / "dvc"), "exp", "run", "-S", "preset=tinybest"], project)
+    report = json.loads((project / "reports/model_report.json").read_text())
+    assert report["total_params"] == best.user_attrs["parameters"]
+
+    # The same command again: the study is full, nothing trains, the preset is rewritten.
+    again = subprocess.run(search_cmd("--trials", "4", "--study", "nt", "--preset", "tinybest"),
+                           cwd=project, env=env(project), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "trial 4" not in again.stdout, again.stdout
+    assert len(study(project, "nt").trials) == 4
+
+    # Other settings under the same name are refused, before any trial.
+    other = subprocess.run(search_cmd("--trials", "4", "--study", "nt", "--budget", "4000",
+                                      "--preset", "tinybest"),
+                           cwd=project, env=env(project), capture_output=True, text=True, timeout=300)
+    assert other.returncode == 1
+    assert other.stderr.startswith("tools.search: error: STUDY=nt was started with other settings "
+                                   "(budget: 3000, now 4000)"), other.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.interruption
+def test_ctrl_c_marks_the_trial_failed_and_the_same_command_continues(project):
+    cmd = search_cmd("--trials", "3", "--epochs", "12", "--study", "stop", "--preset", "stopbest")
+    process = subprocess.Popen(cmd, cwd=project, env=env(project), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    storage = f"sqlite:///{project / 'search.db'}"
+    deadline = time.monotonic() + 300
+    # Wait for trial 1 to be under way (trial 0 finished, trial 1 past its first epoch).
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name="stop", storage=storage).trials
+        except (KeyError, Exception):  # noqa: BLE001 - the study is not created yet
+            trials = []
+        if len(trials) >= 2 and trials[1].intermediate_values:
+            break
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert stderr.strip().splitlines()[-1].startswith(
+        "tools.search: stopped; trial 1 is marked failed, 1 of 3 trials are done and kept; "
+        "the same command continues the study"), stderr
+    first = study(project, "stop").trials
+    assert [t.state.name for t in first[:2]] in (["COMPLETE", "FAIL"], ["PRUNED", "FAIL"])
+    kept = first[0]
+
+    rerun = subprocess.run(cmd, cwd=project, env=env(project), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "trial 0:" not in rerun.stdout and "trial 1:" not in rerun.stdout  # never rerun
+    after = study(project, "stop").trials
+    assert [t.state.name for t in after][1] == "FAIL"
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == 3
+    assert (after[0].params, after[0].value) == (kept.params, kept.value)
+    parent, children = search_runs(project, "stop")
+    assert parent.info.status == "FINISHED"
+    by_trial = {}
+    for child in children:
+        by_trial.setdefault(int(child.data.tags["optuna_trial"]), []).append(child)
+    assert all(len(runs) == 1 for runs in by_trial.values())  # no trial logged twice
+    assert by_trial[1][0].info.status == "KILLED" and by_trial[1][0].data.tags["trial_state"] == "fail"
+    assert (project / "conf/preset/stopbest.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_two_workers_share_one_postgresql_study(project, tmp_path):
+    pgserver = pytest.importorskip("pgserver")
+    server = pgserver.get_server(tmp_path / "pg", cleanup_mode="stop")
+    try:
+        storage = server.get_uri()  # postgresql://...: the tool picks the psycopg 3 driver
+        cmd = search_cmd("--trials", "8", "--epochs", "4", "--study", "shared", "--preset", "sharedbest")
+        workers = [subprocess.Popen(cmd, cwd=project, env=env(project, SEARCH_STORAGE=storage),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for _ in range(2)]
+        outputs = [worker.communicate(timeout=600) for worker in workers]
+        for worker, (stdout, stderr) in zip(workers, outputs):
+            assert worker.returncode == 0, stdout + stderr
+        trials = optuna.load_study(study_name="shared",
+                                   storage=storage.replace("postgresql://", "postgresql+psycopg://")).trials
+    finally:
+        server.cleanup()
+    counted = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(counted) == 8  # exactly the trials asked for, all workers together
+    # A trial that is not counted is one a worker asked for when the study was already full.
+    assert all("surplus" in t.user_attrs for t in trials if t not in counted)
+    ran = [trained_trials(stdout) for stdout, _ in outputs]
+    assert ran[0] and ran[1], "both workers ran trials"
+    assert not ran[0] & ran[1], "no trial ran in both workers"
+    assert ran[0] | ran[1] == {t.number for t in counted}
+    parent, children = search_runs(project, "shared")  # one parent for both workers
+    numbers = [int(child.data.tags["optuna_trial"]) for child in children]
+    assert sorted(numbers) == sorted({t.number for t in trials if "surplus" not in t.user_attrs})

@@ -1,0 +1,710 @@
+"""Find the most accurate CNN under a parameter budget: an Optuna study, tracked in MLflow.
+
+    python -m tools.search --budget 8000 --epochs 15 --trials 40      (`make search`)
+
+What the source READMEs did by hand (pick channels, count the parameters, train, look,
+repeat) done as a study. Optuna's TPE sampler proposes a layout and a recipe from a search
+space (conf/search/<space>.yaml); the trial's model gets the widest channels that keep it
+within the budget, and is built and counted before it trains (a layout that cannot fit
+never trains); the median pruner stops a trial whose per-epoch validation accuracy falls
+behind the others'. Trials are scored on a validation split, the last `--validation`
+training images (`train.validation`), so no trial reads a test image; the best trial's
+final-epoch validation accuracy wins. The winner becomes a preset, conf/preset/<name>.yaml,
+trained on all 60,000 images like every preset; `make repeats PRESETS=<name>` then measures
+its test accuracy, once, over several random seeds.
+
+The study lives in Optuna's storage: search.db at the repo root by default, or the URL in
+SEARCH_STORAGE (PostgreSQL), which any number of workers on any number of machines join by
+running the same command (Optuna's distributed mode); together they run exactly --trials
+trials. In MLflow (experiment `mnist-cnn-search`) the study is one parent run and each
+trial a child run with its params, per-epoch metrics and its state.
+
+Ctrl-C or SIGTERM marks the running trial failed and stops; the same command continues the
+study (named by --study), and a finished trial is never run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages import tracking
+from stages.mnist import TRAIN_IMAGES
+from stages.params import (
+    PRESETS_DIR,
+    ConvLayer,
+    Model,
+    Params,
+    ParamsError,
+    TransitionLayer,
+    compose,
+    echo,
+    parse_params,
+)
+
+SPACES_DIR = Path("conf/search")
+EXPERIMENT = "mnist-cnn-search"
+STUDY_TAG = "search_study"  # on the study's parent run and on every trial's run
+# The narrowest a layout is tried at (channels of its first conv): a layout over the budget
+# even at this width is counted and refused without training.
+MIN_WIDTH = 2
+# With --exact, channels move by at most this much (one or two layers) to hit the budget.
+EXACT_REACH = 8
+PROG = "tools.search"
+
+
+class SearchError(ValueError):
+    """A bad option, space file, budget or storage: one line, before any trial starts."""
+
+
+# --- the search space ---------------------------------------------------------------------
+
+# Every dimension a space file gives, and the type of its values.
+DIMENSIONS: dict[str, type] = {
+    "blocks": int, "convs_per_block": int, "growth": float, "squeeze": float, "head": str,
+    "dropout": float, "lr": float, "batch_size": int, "degrees": float, "translate": float,
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    log: bool = False
+
+
+Spec = Any  # a Range, a list of choices, or one fixed value
+
+
+def load_space(name: str, spaces_dir: Path = SPACES_DIR) -> dict[str, Spec]:
+    """conf/search/<name>.yaml as {dimension: Range | list | value}, every entry checked."""
+    path = spaces_dir / f"{name}.yaml"
+    known = sorted(p.stem for p in spaces_dir.glob("*.yaml"))
+    if not path.is_file():
+        raise SearchError(f"SPACE={echo(name)}: no such search space; use one of "
+                          f"{', '.join(known)} ({spaces_dir}/)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SearchError(f"{path}: should be a mapping of dimensions")
+    unknown = sorted(set(raw) - set(DIMENSIONS))
+    missing = [key for key in DIMENSIONS if key not in raw]
+    if unknown or missing:
+        what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
+        raise SearchError(f"{path}: {what}; a space gives each of {', '.join(DIMENSIONS)}")
+    return {key: _spec(path, key, raw[key], DIMENSIONS[key]) for key in DIMENSIONS}
+
+
+def _spec(path: Path, key: str, value: Any, kind: type) -> Spec:
+    where = f"{path}: {key} = {echo(value)}"
+
+    def typed(item: Any) -> Any:
+        ok = (isinstance(item, (int, float)) and not isinstance(item, bool)
+              if kind is float else isinstance(item, kind) and not isinstance(item, bool))
+        if not ok:
+            raise SearchError(f"{where}: values should be {'numbers' if kind is float else kind.__name__ + 's'}")
+        return kind(item)
+
+    if isinstance(value, dict):
+        if kind is str or set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
+            raise SearchError(f"{where}: a range is {{low: a, high: b}} with an optional "
+                              f"log: true{'; this dimension takes a list of choices' if kind is str else ''}")
+        low, high, log = typed(value["low"]), typed(value["high"]), value.get("log", False)
+        if low > high or (log and low <= 0):
+            raise SearchError(f"{where}: needs low <= high{' and low > 0 on a log scale' if log else ''}")
+        return Range(low, high, bool(log))
+    if isinstance(value, list):
+        if not value:
+            raise SearchError(f"{where}: a list of choices needs at least one")
+        return [typed(item) for item in value]
+    return typed(value)
+
+
+def choices(spec: Spec) -> list:
+    """The values a structural dimension can take (a range: its low end, the cheapest)."""
+    return spec if isinstance(spec, list) else [spec.low if isinstance(spec, Range) else spec]
+
+
+def suggest(trial, name: str, spec: Spec) -> Any:
+    """The trial's value for one dimension; a fixed value is not a trial parameter. Floats
+    keep three significant digits, so that a preset reads `lr: 0.0522`, and the trial
+    trains exactly what its preset will say."""
+    if isinstance(spec, Range):
+        if isinstance(spec.low, int) and isinstance(spec.high, int):
+            return trial.suggest_int(name, spec.low, spec.high, log=spec.log)
+        return float(f"{trial.suggest_float(name, spec.low, spec.high, log=spec.log):.3g}")
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, spec)
+    return spec
+
+
+# --- from a layout to a model within the budget --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A model's shape without its width: `convs[b]` 3x3 convs in block b, each block ended
+    by a transition (MaxPool2d(2), 1x1 conv) and a dropout, then the head."""
+
+    convs: tuple[int, ...]
+    growth: float
+    squeeze: float
+    head: str
+    dropout: float
+
+    def layers(self, width: float) -> list[dict]:
+        layers: list[dict] = []
+        for block, convs in enumerate(self.convs):
+            channels = max(1, round(width * self.growth ** block))
+            layers += [{"conv": channels} for _ in range(convs)]
+            layers.append({"transition": max(1, round(self.squeeze * channels))})
+            if self.dropout > 0:
+                layers.append({"dropout": self.dropout})
+        return layers
+
+
+def build_section(layout: Layout, width: float, model_base: dict) -> Model:
+    return Model.model_validate({**model_base, "head": layout.head, "layers": layout.layers(width)})
+
+
+def widest(layout: Layout, budget: int, model_base: dict) -> float | None:
+    """The widest `layout` with at most `budget` parameters, as a width, or None when even the
+    narrowest is over. Every layer's channels are the width times its block's growth,
+    rounded, so the count never falls as the width grows, and a bisection over a fractional
+    width finds the widest fit layer by layer: a budget of 3,000 is not cut to the 2,300 a
+    whole-number width would stop at."""
+    def fits(width: float) -> bool:
+        try:
+            return build_section(layout, width, model_base).parameter_count() <= budget
+        except ValueError:  # channels past what a layer may have (1,024): too wide anyway
+            return False
+
+    if not fits(MIN_WIDTH):
+        return None
+    low = float(MIN_WIDTH)  # invariant: low fits, high does not
+    high = next(2.0 ** k * MIN_WIDTH for k in range(1, 20) if not fits(2.0 ** k * MIN_WIDTH))
+    while high - low > 0.01:
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def fit(layout: Layout, budget: int, model_base: dict, exact: bool) -> Model | None:
+    """The model a trial of `layout` trains: the widest within the budget or, with `exact`,
+    the widest (or a little narrower) whose count a small move makes exactly `budget`."""
+    width = widest(layout, budget, model_base)
+    if width is None:
+        return None
+    if not exact:
+        return build_section(layout, width, model_base)
+    for narrower in range(12):  # some counts are out of one or two moves' reach
+        moved = fill_exactly(build_section(layout, width * 0.97 ** narrower, model_base), budget)
+        if moved is not None:
+            return moved
+    return None
+
+
+def fill_exactly(model: Model, budget: int) -> Model | None:
+    """`model` with one or two layers' channels moved by the least amount (at most
+    EXACT_REACH each) that makes its count exactly `budget`; None when no such move exists."""
+    sized = [i for i, layer in enumerate(model.layers) if isinstance(layer, (ConvLayer, TransitionLayer))]
+    steps = range(-EXACT_REACH, EXACT_REACH + 1)
+    moves = [((i, d),) for i in sized for d in steps] + [
+        ((i, di), (j, dj)) for i, j in itertools.combinations(sized, 2) for di in steps for dj in steps]
+    for move in sorted(moves, key=lambda m: sum(abs(d) for _, d in m)):
+        layers = list(model.layers)
+        for index, delta in move:
+            key = "conv" if isinstance(layers[index], ConvLayer) else "transition"
+            channels = getattr(layers[index], key) + delta
+            if channels < 1:
+                break
+            layers[index] = layers[index].model_copy(update={key: channels})
+        else:
+            moved = model.model_copy(update={"layers": tuple(layers)})
+            if moved.parameter_count() == budget:
+                return Model.model_validate(moved.model_dump())
+    return None
+
+
+def smallest_model(space: dict[str, Spec], model_base: dict) -> tuple[int, Layout]:
+    """The fewest parameters any trial of `space` can have, and its layout."""
+    layouts = [Layout((min(choices(space["convs_per_block"])),) * blocks,
+                      min(choices(space["growth"])), min(choices(space["squeeze"])), head, 0.0)
+               for blocks in choices(space["blocks"]) for head in choices(space["head"])]
+    counted = []
+    for layout in layouts:
+        try:
+            counted.append((build_section(layout, MIN_WIDTH, model_base).parameter_count(), layout))
+        except ValueError as err:  # pydantic's ValidationError is one: a layout that cannot be built
+            raise SearchError(f"the space's layout {layout} cannot be built: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
+    return min(counted, key=lambda pair: pair[0])
+
+
+# --- one trial ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a study is: fixed when it starts, checked when a worker joins or resumes it."""
+
+    budget: int
+    epochs: int
+    space: str
+    validation: int
+    exact: bool
+    overrides: tuple[str, ...]
+
+    def as_attr(self, space: dict[str, Spec]) -> dict:
+        """As stored with the study (JSON): the settings and the space's dimensions."""
+        return {**dataclasses.asdict(self), "overrides": list(self.overrides),
+                "dimensions": {key: dataclasses.asdict(spec) if isinstance(spec, Range) else spec
+                               for key, spec in space.items()}}
+
+
+def propose(trial, space: dict[str, Spec], base: dict, settings: Settings) -> dict | None:
+    """The trial's params (a params.yaml mapping), or None when its layout cannot fit the
+    budget. Every dimension is drawn from the trial; the width comes from the budget."""
+    blocks = suggest(trial, "blocks", space["blocks"])
+    layout = Layout(
+        convs=tuple(suggest(trial, f"convs_{block + 1}", space["convs_per_block"])
+                    for block in range(blocks)),
+        growth=suggest(trial, "growth", space["growth"]),
+        squeeze=suggest(trial, "squeeze", space["squeeze"]),
+        head=suggest(trial, "head", space["head"]),
+        dropout=suggest(trial, "dropout", space["dropout"]))
+    recipe = {"lr": suggest(trial, "lr", space["lr"]),
+              "batch_size": suggest(trial, "batch_size", space["batch_size"])}
+    augment = {"degrees": suggest(trial, "degrees", space["degrees"]),
+               "translate": suggest(trial, "translate", space["translate"])}
+    model = fit(layout, settings.budget, base["model"], settings.exact)
+    if model is None:
+        return None
+    raw = copy.deepcopy(base)
+    raw["model"] = model_section(model)
+    raw["train"].update(recipe, epochs=settings.epochs, validation=settings.validation)
+    raw["train"]["augment"].update(augment)
+    return raw
+
+
+def model_section(model: Model) -> dict:
+    """A model section as params.yaml writes it: layers without their default options."""
+    section = model.model_dump(mode="json", exclude={"layers"})
+    section["layers"] = [layer.model_dump(mode="json", exclude_defaults=True) for layer in model.layers]
+    return section
+
+
+def describe_trial(params: Params) -> str:
+    convs = [shape.channels for shape in params.model.walk() if isinstance(shape.layer, ConvLayer)]
+    recipe = params.train
+    return (f"{params.model.parameter_count():,} parameters, {params.model.head} head, convs "
+            f"{convs}, lr {recipe.lr:.3g}, batch {recipe.batch_size}, rotation "
+            f"{recipe.augment.degrees:.1f}, shift {recipe.augment.translate:.3f}")
+
+
+@dataclass
+class Worker:
+    """One process taking part in a study: its data, its device, its MLflow runs."""
+
+    study: Any  # optuna.Study
+    settings: Settings
+    space: dict[str, Spec]
+    base: dict
+    trials: int
+    data: Any  # stages.data.TrainingData
+    dtype: Any
+    client: Any  # mlflow.MlflowClient
+    experiment_id: str
+    parent_id: str
+    running: int | None = None  # the trial number in progress, for the stop message
+
+    def run(self) -> None:
+        """Ask for trials until the study has `trials` of them (finished or running)."""
+        import optuna
+
+        while counted(self.study) < self.trials:
+            trial = self.study.ask()
+            if counted(self.study, below=trial.number) >= self.trials:
+                # Another worker asked at the same moment and took the last place.
+                trial.set_user_attr("surplus", "the study was full when this trial began; not run")
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                break
+            self.running = trial.number
+            self.run_trial(trial)
+            self.running = None
+            self.summarize()
+
+    def run_trial(self, trial) -> None:
+        import optuna
+        from mlflow.entities import Metric
+
+        from stages.loop import TrainingDiverged, TrainingRun
+
+        State = optuna.trial.TrialState
+        raw = propose(trial, self.space, self.base, self.settings)
+        run_id = self.client.create_run(self.experiment_id, run_name=f"{self.study.study_name}-t{trial.number:03d}",
+                                        tags={"mlflow.parentRunId": self.parent_id,
+                                              STUDY_TAG: self.study.study_name,
+                                              "optuna_trial": str(trial.number)}).info.run_id
+        self.client.log_batch(run_id, params=_params(trial.params))
+        if raw is None:  # counted, never built beyond its shape, never trained
+            trial.set_user_attr("over_budget", True)
+            self.end_trial(trial, run_id, State.PRUNED, f"over the budget of {self.settings.budget:,}")
+            return
+        params = parse_params(raw)
+        count = built_parameter_count(params)
+        trial.set_user_attr("parameters", count)
+        trial.set_user_attr("params", raw)  # what write_preset turns into a preset
+        self.client.log_batch(run_id, params=_params(tracking.flatten(raw)))
+        print(f"{PROG}: trial {trial.number}: {describe_trial(params)}", flush=True)
+        if count > self.settings.budget:
+            trial.set_user_attr("over_budget", True)
+            self.end_trial(trial, run_id, State.PRUNED, f"{count:,} parameters, over the budget")
+            return
+        run = TrainingRun.start(params, self.data.train, self.data.holdout, self.dtype,
+                                holdout_name=self.data.holdout_name)
+        try:
+            run.capture()
+            for metrics in run.epochs():
+                stamp = int(time.time() * 1000)
+                self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, metrics["epoch"])
+                                                       for k, v in metrics.items() if k != "epoch"])
+                trial.report(metrics["val_accuracy"], metrics["epoch"])
+                print(f"{PROG}: trial {trial.number} epoch {metrics['epoch']}/{params.train.epochs}: "
+                      f"validation accuracy {metrics['val_accuracy']:.4f} "
+                      f"({metrics['epoch_seconds']:.1f} s)", flush=True)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+        except optuna.TrialPruned:
+            self.end_trial(trial, run_id, State.PRUNED, f"pruned after epoch {len(run.history)}")
+        except TrainingDiverged as err:  # a bad recipe, which the sampler should learn from
+            trial.set_user_attr("diverged", str(err))
+            self.end_trial(trial, run_id, State.PRUNED, f"diverged ({err})")
+        except KeyboardInterrupt:
+            self.end_trial(trial, run_id, State.FAIL, "interrupted", status="KILLED")
+            raise
+        except BaseException as err:
+            self.end_trial(trial, run_id, State.FAIL, f"failed: {type(err).__name__}: {err}",
+                           status="FAILED")
+            raise
+        else:
+            final = run.history[-1]["val_accuracy"]
+            self.client.log_metric(run_id, "final_val_accuracy", final)
+            self.end_trial(trial, run_id, State.COMPLETE, f"final validation accuracy {final:.4f}",
+                           value=final)
+
+    def end_trial(self, trial, run_id: str, state, why: str, value: float | None = None,
+                  status: str = "FINISHED") -> None:
+        """Tell Optuna, then close the trial's MLflow run with the same state."""
+        if value is None:
+            self.study.tell(trial, state=state)
+        else:
+            self.study.tell(trial, value)
+        name = state.name.lower()
+        self.client.set_tag(run_id, "trial_state", name)
+        self.client.set_terminated(run_id, status)
+        print(f"{PROG}: trial {trial.number}: {name}: {why}", flush=True)
+
+    def summarize(self, status: str | None = None) -> dict:
+        """The study so far, as the parent run's metrics; the parent ends when it is full
+        and nothing runs (or with `status`, when this worker stops early)."""
+        summary = study_summary(self.study)
+        self.client.log_batch(self.parent_id, metrics=_metrics(summary))
+        if not summary["n_running"] and (status or counted(self.study) >= self.trials):
+            self.client.set_terminated(self.parent_id, status or "FINISHED")
+        return summary
+
+
+def built_parameter_count(params: Params) -> int:
+    """The trial's model built in torch and counted: the check every trial passes first."""
+    from stages.model import build_model, count_parameters
+
+    count = count_parameters(build_model(params.model))
+    assert count == params.model.parameter_count(), "the shape walk and torch disagree"
+    return count
+
+
+def counted(study, below: int | None = None) -> int:
+    """Trials that take a place in the study: finished (complete or pruned) or running."""
+    import optuna
+
+    State = optuna.trial.TrialState
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(State.COMPLETE, State.PRUNED, State.RUNNING))
+               if below is None or t.number < below)
+
+
+def study_summary(study) -> dict:
+    import optuna
+
+    State = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    by_state = {state: sum(1 for t in trials if t.state == state) for state in State}
+    summary = {"n_complete": by_state[State.COMPLETE], "n_pruned": by_state[State.PRUNED],
+               "n_failed": by_state[State.FAIL], "n_running": by_state[State.RUNNING]}
+    if summary["n_complete"]:
+        best = study.best_trial
+        summary.update(best_val_accuracy=best.value, best_trial=best.number,
+                       best_parameters=best.user_attrs["parameters"])
+    return summary
+
+
+def _params(values: dict) -> list:
+    from mlflow.entities import Param
+
+    return [Param(key, str(value)[:6000]) for key, value in values.items()]
+
+
+def _metrics(values: dict) -> list:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    return [Metric(key, float(value), stamp, 0) for key, value in values.items()]
+
+
+# --- the winner as a preset -------------------------------------------------------------------
+
+# Settings of the machine and the run, not of the recipe: never written into a preset.
+RUN_SETTINGS = ("device", "validation", "limit_train", "limit_test", "resume")
+
+
+def preset_marker(study_name: str) -> str:
+    return f"# Written by `make search` (study {study_name}); edits are lost when it writes again."
+
+
+def check_preset_is_ours(preset: str, study_name: str, presets_dir: Path = PRESETS_DIR) -> None:
+    """A preset the study would overwrite must be one it wrote itself."""
+    path = presets_dir / f"{preset}.yaml"
+    if path.exists() and preset_marker(study_name) not in path.read_text().splitlines()[:2]:
+        raise SearchError(f"PRESET={preset}: {path} exists and was not written by study "
+                          f"{study_name}; pass another PRESET")
+
+
+def write_preset(preset: str, trial, defaults: dict, settings: Settings, study_name: str,
+                 train_images: int, presets_dir: Path = PRESETS_DIR) -> Path:
+    """conf/preset/<preset>.yaml: the winning trial's model and every recipe setting that
+    differs from conf/config.yaml. Like every preset it trains on all the training images
+    (no validation split)."""
+    from stages.files import write_atomic
+
+    params = trial.user_attrs["params"]
+    train = changed({key: value for key, value in params["train"].items()
+                     if key not in RUN_SETTINGS}, defaults["train"])
+    header = "\n".join([
+        "# @package _global_",  # Hydra reads this only on the first line
+        preset_marker(study_name),
+        f"# The best model of at most {settings.budget:,} parameters the search found: trial "
+        f"{trial.number}, {trial.user_attrs['parameters']:,} parameters, final validation "
+        f"accuracy {trial.value:.2%} after {settings.epochs} epochs on {train_images:,} "
+        f"training images (the last {settings.validation:,} held out to score it).",
+        f"# Space: conf/search/{settings.space}.yaml. Its test accuracy: `make repeats PRESETS={preset}`.",
+    ])
+    body = yaml.safe_dump({"base": {"preset": preset}, "model": params["model"], "train": train},
+                          sort_keys=False, default_flow_style=None)
+    path = presets_dir / f"{preset}.yaml"
+    write_atomic(path, lambda f: f.write(f"{header}\n{body}".encode()))
+    return path
+
+
+def changed(values: dict, defaults: dict) -> dict:
+    """The entries of `values` that differ from `defaults`, nested mappings compared key by key."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            if inner := changed(value, defaults[key]):
+                out[key] = inner
+        elif value != defaults.get(key):
+            out[key] = value
+    return out
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming it and the options there are."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        options = ", ".join(a.option_strings[0] for a in self._actions
+                            if a.option_strings and a.dest != "help")
+        self.exit(2, f"{PROG}: error: {message} (options: {options})\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", default="8000", help="most parameters a model may have (BUDGET)")
+    parser.add_argument("--epochs", default="15", help="epochs every trial trains (EPOCHS)")
+    parser.add_argument("--trials", default="40", help="trials in the whole study, all workers together (TRIALS)")
+    parser.add_argument("--space", default="default", help="conf/search/<SPACE>.yaml")
+    parser.add_argument("--study", help="the study's name (STUDY; default: from budget, space, epochs)")
+    parser.add_argument("--preset", help="the winner's conf/preset/<PRESET>.yaml (default: from budget and space)")
+    parser.add_argument("--exact", action="store_true", help="every model has exactly BUDGET parameters")
+    parser.add_argument("--validation", default="10000", help="training images held out to score trials")
+    parser.add_argument("--seed", default=None, help="the sampler's random seed (one worker: a repeatable study)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params override for every trial (dvc exp run -S syntax)")
+    args = parser.parse_args(argv)
+    for option, least in (("budget", 1), ("epochs", 1), ("trials", 1), ("validation", 1), ("seed", 0)):
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if not value.isdigit() or int(value) < least:
+            raise SearchError(f"{option.upper()}={value!r}: should be a whole number of at least {least}")
+        setattr(args, option, int(value))
+    if args.validation >= TRAIN_IMAGES:
+        raise SearchError(f"VALIDATION={args.validation}: should be less than the "
+                          f"{TRAIN_IMAGES:,} training images")
+    suffix = "" if args.space == "default" else f"_{args.space}"
+    args.study = args.study or f"search{args.budget}{suffix}-e{args.epochs}"
+    args.preset = args.preset or f"search{args.budget}{suffix}"
+    if not re.fullmatch(r"[\w.-]{1,64}", args.study):
+        raise SearchError(f"STUDY={echo(args.study)}: should be letters, digits, '_', '.' or '-'")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.]{0,63}", args.preset):  # no '-': repeats add -s<seed>
+        raise SearchError(f"PRESET={echo(args.preset)}: should be letters, digits, '_' or '.'")
+    return args
+
+
+def storage_url() -> str:
+    """SEARCH_STORAGE, or search.db at the repo root. postgresql:// means psycopg 3 (the
+    driver this project installs; SQLAlchemy would otherwise look for psycopg2)."""
+    url = os.environ.get("SEARCH_STORAGE") or f"sqlite:///{tracking.project_root() / 'search.db'}"
+    return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
+
+
+def open_storage(url: str):
+    """Optuna's storage at `url`, its tables created on first use. Workers that start together
+    on a new database race to create the tables; the loser sees them exist and tries again."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    options = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite") else
+               {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True})
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=options)
+        except (IntegrityError, ProgrammingError):  # another worker is creating the tables
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
+        except Exception as err:  # noqa: BLE001 - any other failure here means "no storage"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise SearchError(tracking.redact(f"SEARCH_STORAGE={url}: cannot open the study's "
+                                              f"storage: {first}")) from None
+
+
+def open_study(storage, args, settings: Settings, space: dict):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=max(3, min(10, args.trials // 4)))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, args.epochs // 3))
+    study = optuna.create_study(storage=storage, study_name=args.study, direction="maximize",
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    wanted = settings.as_attr(space)
+    found = study.user_attrs.get("settings")
+    if found is None:
+        study.set_user_attr("settings", wanted)
+    elif found != wanted:
+        differs = [key for key in wanted if found.get(key) != wanted[key]]
+        raise SearchError(f"STUDY={args.study} was started with other settings ("
+                          + ", ".join(f"{key}: {echo(found.get(key))}, now {echo(wanted[key])}"
+                                      for key in differs)
+                          + "); repeat its settings or pass another STUDY")
+    return study
+
+
+def parent_run(client, experiment_id: str, study, settings: Settings) -> str:
+    """The study's MLflow parent run. Workers that start together each create one, then all
+    keep the oldest and delete their own if it is not: so one study has one parent."""
+    filter_string = f"tags.{STUDY_TAG} = '{study.study_name}' and tags.search_parent = 'true'"
+    if not client.search_runs([experiment_id], filter_string, max_results=1):
+        mine = client.create_run(experiment_id, run_name=study.study_name,
+                                 tags={STUDY_TAG: study.study_name, "search_parent": "true"}).info.run_id
+        client.log_batch(mine, params=_params(dataclasses.asdict(settings)))
+        oldest = client.search_runs([experiment_id], filter_string,
+                                    order_by=["attributes.start_time ASC", "attributes.run_id ASC"])[0]
+        if oldest.info.run_id != mine:
+            client.delete_run(mine)
+    parent = client.search_runs([experiment_id], filter_string,
+                                order_by=["attributes.start_time ASC", "attributes.run_id ASC"])[0]
+    if parent.info.status != "RUNNING":  # a study continued, or extended with more trials
+        client.update_run(parent.info.run_id, status="RUNNING")
+    return parent.info.run_id
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    # Options, space, params and budget are checked before torch is even imported (seconds).
+    try:
+        args = parse_args(argv)
+        space = load_space(args.space)
+        settings = Settings(args.budget, args.epochs, args.space, args.validation, args.exact,
+                            tuple(args.set))
+        defaults = compose()
+        base = compose(overrides=args.set)
+        base_params = parse_params(base)  # a bad --set is refused here
+        least, layout = smallest_model(space, base["model"])
+        if args.budget < least:
+            raise SearchError(f"BUDGET={args.budget}: below the smallest model space "
+                              f"{args.space} can build ({least:,} parameters: {len(layout.convs)} "
+                              f"blocks, {layout.head} head, width {MIN_WIDTH}); use at least {least:,}")
+        check_preset_is_ours(args.preset, args.study)
+    except (SearchError, ParamsError) as err:
+        sys.exit(f"{PROG}: error: {err}")
+    from stages.data import DataError, load_training_data
+    from stages.device import configure, describe, resolve_device, resolve_precision
+
+    try:
+        device = resolve_device(base_params.train.device)
+        recipe = base_params.train.model_copy(update={"validation": args.validation})
+        data = load_training_data(recipe, device, verify_md5=base_params.data.verify_md5)
+        storage = open_storage(storage_url())
+        experiment_id = tracking.connect(EXPERIMENT)
+        study = open_study(storage, args, settings, space)
+    except (SearchError, ParamsError, DataError, tracking.TrackingError) as err:
+        sys.exit(f"{PROG}: error: {err}")
+    configure(device, base_params.train.cudnn_benchmark)
+    client = tracking.client()
+    worker = Worker(study, settings, space, base, args.trials, data,
+                    resolve_precision(base_params.train.precision, device), client,
+                    experiment_id, parent_run(client, experiment_id, study, settings))
+    print(f"{PROG}: study {args.study} ({counted(study)} of {args.trials} trials so far) in "
+          f"{tracking.redact(storage_url())}; {len(data.train):,} training and "
+          f"{len(data.holdout):,} validation images on {describe(device)}; MLflow parent run "
+          f"{worker.parent_id}", flush=True)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        summary = worker.summarize(status="KILLED")
+        done = summary["n_complete"] + summary["n_pruned"]
+        sys.exit(f"{PROG}: stopped; trial {worker.running} is marked failed, {done} of "
+                 f"{args.trials} trials are done and kept; the same command continues the study")
+    summary = worker.summarize()
+    print(f"{PROG}: {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
+          f"{summary['n_failed']} failed, {summary['n_running']} still running elsewhere")
+    if summary["n_complete"] and counted(study) >= args.trials:
+        best = study.best_trial
+        path = write_preset(args.preset, best, defaults, settings, args.study, len(data.train))
+        print(f"{PROG}: best: trial {best.number}, final validation accuracy {best.value:.4f}, "
+              f"{best.user_attrs['parameters']:,} parameters; written to {path}; its test accuracy: "
+              f"`make repeats PRESETS={args.preset}`")
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    main()
