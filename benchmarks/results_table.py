@@ -8,7 +8,8 @@ Reads `dvc exp show --json -A`. Every experiment named `<preset>-s<seed>` (what
 `make iterations` / `make seeds` queue, tools/repeats.py) is one repeat of its preset; a
 name run twice counts once, its newest run. Per preset the table gives the final-epoch test
 accuracy over the repeats (n, mean, sample standard deviation, min to max), the mean best
-epoch, and what the source README reports (conf/reported.yaml).
+epoch, and what the source README reports (conf/reported.yaml) or, for the presets `make
+search` writes, the accuracy its winner should reach (benchmarks/search_targets.yaml).
 
 The verdict: "reproduced" when the mean reaches the reported figure minus one standard error
 of the mean (sd / sqrt(n)); otherwise the shortfall in points and in standard errors. With
@@ -37,12 +38,20 @@ from benchmarks import readme
 from stages.files import write_atomic
 
 REPORTED_FILE = Path("conf/reported.yaml")
+TARGETS_FILE = Path("benchmarks/search_targets.yaml")  # what the search's winners should reach
 FIGURE = Path("reports/results.png")
 REPEAT_NAME = re.compile(r"^(?P<preset>[\w.]+)-s(?P<seed>\d+)$")
 
 
 def reported() -> dict[str, dict]:
     return yaml.safe_load(REPORTED_FILE.read_text())
+
+
+def claims() -> dict[str, dict]:
+    """Every figure a preset is held to: what its source reports, or a search's target."""
+    targets = {name: {**claim, "target": True}
+               for name, claim in yaml.safe_load(TARGETS_FILE.read_text()).items()}
+    return {**reported(), **targets}
 
 
 def experiments(show: list) -> dict[str, dict]:
@@ -111,11 +120,11 @@ def summarize(runs: list[Repeat]) -> dict:
             "best_epoch": statistics.fmean(run.best_epoch for run in runs)}
 
 
-def verdict(stats: dict, target: float) -> str:
+def verdict(stats: dict, target: float, reached: str = "reproduced") -> str:
     if stats["sem"] is None:
         return "no verdict (n < 2)"
     if stats["mean"] >= target - stats["sem"]:
-        return "reproduced"
+        return reached
     gap = target - stats["mean"]
     return f"short by {gap * 100:.2f} pt ({gap / stats['sem']:.1f} SE)" if stats["sem"] else \
         f"short by {gap * 100:.2f} pt"
@@ -123,7 +132,7 @@ def verdict(stats: dict, target: float) -> str:
 
 def rows(groups: dict[str, list[Repeat]], claims: dict[str, dict], planned: int) -> list[str]:
     lines = ["| preset | parameters | epochs | n | final test acc, mean +- sd | min to max | "
-             "mean best epoch | reported (final) | verdict | device |",
+             "mean best epoch | reported or target (final) | verdict | device |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for preset, claim in claims.items():
         runs = groups.get(preset, [])
@@ -139,7 +148,8 @@ def rows(groups: dict[str, list[Repeat]], claims: dict[str, dict], planned: int)
         lines.append(
             f"| {preset} | {runs[0].parameters:,} | {runs[0].epochs} | {n} | "
             f"{stats['mean']:.2%}{spread} | {stats['min']:.2%} to {stats['max']:.2%} | "
-            f"{stats['best_epoch']:.1f} | {target} | {verdict(stats, claim['final'])} | "
+            f"{stats['best_epoch']:.1f} | {target} | "
+            f"{verdict(stats, claim['final'], 'met' if claim.get('target') else 'reproduced')} | "
             f"{devices} |")
     return lines
 
@@ -152,7 +162,9 @@ def plot(groups: dict[str, list[Repeat]], claims: dict[str, dict], path: Path = 
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for preset, claim in claims.items():
-        ax.scatter(claim["parameters"], claim["final"] * 100, marker="x", color="grey", zorder=2)
+        ax.scatter(claim["parameters"], claim["final"] * 100, zorder=2,
+                   **({"marker": "+", "color": "tab:orange"} if claim.get("target") else
+                      {"marker": "x", "color": "grey"}))
         runs = groups.get(preset)
         if runs:
             stats = summarize(runs)
@@ -165,6 +177,8 @@ def plot(groups: dict[str, list[Repeat]], claims: dict[str, dict], path: Path = 
                     textcoords="offset points", xytext=(6, 4))
     devices = sorted({run.device for runs in groups.values() for run in runs})
     ax.scatter([], [], marker="x", color="grey", label="reported by the source")
+    if any(claim.get("target") for claim in claims.values()):
+        ax.scatter([], [], marker="+", color="tab:orange", label="a search's target")
     ax.errorbar([], [], yerr=[], fmt="o", capsize=4, color="tab:blue",
                 label="measured: mean +- sd of the final epoch")
     ax.set(xlabel="parameters", ylabel="test accuracy (%)",
@@ -218,9 +232,9 @@ def main() -> None:
         return
     command = [sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"]
     show = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    groups, claims = repeats_by_preset(experiments(show)), reported()
-    table = rows(groups, claims, args.repeats)
-    plot(groups, claims)
+    groups, held_to = repeats_by_preset(experiments(show)), claims()
+    table = rows(groups, held_to, args.repeats)
+    plot(groups, held_to)
     default = default_run()
     print("\n".join(default + [""] + table + ["", f"figure: {FIGURE}"]))
     if args.readme:

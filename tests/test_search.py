@@ -123,6 +123,24 @@ def test_the_smallest_model_of_the_default_space():
     assert least == search.build_section(layout, search.MIN_WIDTH, MODEL_BASE).parameter_count()
 
 
+def test_a_trial_whose_worker_died_is_failed_and_its_place_freed(tmp_path, monkeypatch):
+    monkeypatch.setattr(search, "HEARTBEAT_GRACE_S", 1)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    found = optuna.create_study(storage=search.open_storage(f"sqlite:///{tmp_path / 's.db'}"),
+                                study_name="s")
+    trial = found.ask()
+    trial.set_user_attr("mlflow_run_id", run_id)
+    found._storage.record_heartbeat(trial._trial_id)  # then its worker is killed
+    assert search.counted(found) == 1
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(found)  # what every worker does before it asks
+    assert found.trials[0].state == optuna.trial.TrialState.FAIL and search.counted(found) == 0
+    run_ = client.get_run(run_id)
+    assert run_.info.status == "FAILED" and run_.data.tags["trial_state"] == "fail"
+
+
 # --- tiny projects ----------------------------------------------------------------------------
 
 

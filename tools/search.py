@@ -34,6 +34,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,10 @@ STUDY_TAG = "search_study"  # on the study's parent run and on every trial's run
 MIN_WIDTH = 2
 # With --exact, channels move by at most this much (one or two layers) to hit the budget.
 EXACT_REACH = 8
+# A running trial records a heartbeat in the study after every epoch; one not heard from for
+# this long (its worker was killed, its machine lost) is failed by the next worker that looks,
+# so that its place in the study is run again rather than held for ever.
+HEARTBEAT_GRACE_S = 1800
 PROG = "tools.search"
 
 
@@ -334,8 +339,16 @@ class Worker:
         """Ask for trials until the study has `trials` of them (finished or running)."""
         import optuna
 
-        while counted(self.study) < self.trials:
-            trial = self.study.ask()
+        while True:
+            # Optuna marks heartbeats experimental, and warns that they are meant for its own
+            # optimize loop; this loop sends them itself (record_heartbeat).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optuna.storages.fail_stale_trials(self.study)
+                if counted(self.study) >= self.trials:
+                    break
+                trial = self.study.ask()
+            self.study._storage.record_heartbeat(trial._trial_id)
             if counted(self.study, below=trial.number) >= self.trials:
                 # Another worker asked at the same moment and took the last place.
                 trial.set_user_attr("surplus", "the study was full when this trial began; not run")
@@ -359,6 +372,7 @@ class Worker:
                                               STUDY_TAG: self.study.study_name,
                                               "optuna_trial": str(trial.number)}).info.run_id
         self.client.log_batch(run_id, params=_params(trial.params))
+        trial.set_user_attr("mlflow_run_id", run_id)
         if raw is None:  # counted, never built beyond its shape, never trained
             trial.set_user_attr("over_budget", True)
             self.end_trial(trial, run_id, State.PRUNED, f"over the budget of {self.settings.budget:,}")
@@ -382,6 +396,7 @@ class Worker:
                 self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, metrics["epoch"])
                                                        for k, v in metrics.items() if k != "epoch"])
                 trial.report(metrics["val_accuracy"], metrics["epoch"])
+                self.study._storage.record_heartbeat(trial._trial_id)
                 print(f"{PROG}: trial {trial.number} epoch {metrics['epoch']}/{params.train.epochs}: "
                       f"validation accuracy {metrics['val_accuracy']:.4f} "
                       f"({metrics['epoch_seconds']:.1f} s)", flush=True)
@@ -425,6 +440,18 @@ class Worker:
         if not summary["n_running"] and (status or counted(self.study) >= self.trials):
             self.client.set_terminated(self.parent_id, status or "FINISHED")
         return summary
+
+
+def close_stale_trial(_study, trial) -> None:
+    """Optuna failed `trial`, whose worker stopped sending heartbeats: fail its MLflow run too."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = tracking.client()
+        client.set_tag(run_id, "trial_state", "fail")
+        client.set_tag(run_id, "stale", f"no heartbeat for {HEARTBEAT_GRACE_S} s: its worker stopped")
+        client.set_terminated(run_id, "FAILED")
+    print(f"{PROG}: trial {trial.number}: failed: its worker sent no heartbeat for "
+          f"{HEARTBEAT_GRACE_S} s", flush=True)
 
 
 def built_parameter_count(params: Params) -> int:
@@ -592,7 +619,11 @@ def open_storage(url: str):
                {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True})
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=options)
+            with warnings.catch_warnings():  # heartbeats are marked experimental
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=options, heartbeat_interval=60,
+                    grace_period=HEARTBEAT_GRACE_S, heartbeat_stale_trial_callback=close_stale_trial)
         except (IntegrityError, ProgrammingError):  # another worker is creating the tables
             if attempt == 4:
                 raise
