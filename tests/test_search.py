@@ -27,6 +27,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 import yaml
 from conftest import REPO
 from hypothesis import given, settings
@@ -141,6 +142,33 @@ def test_a_trial_whose_worker_died_is_failed_and_its_place_freed(tmp_path, monke
     assert run_.info.status == "FAILED" and run_.data.tags["trial_state"] == "fail"
 
 
+def test_a_layout_over_the_budget_is_counted_and_never_trained(tmp_path, monkeypatch):
+    import stages.loop
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a trial over the budget started training")
+
+    monkeypatch.setattr(stages.loop.TrainingRun, "start", no_training)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("e")
+    parent_id = client.create_run(experiment_id).info.run_id
+    space = load_space("default", REPO / "conf/search")
+    found = optuna.create_study(direction="maximize")
+    # Three blocks of three convs and an FC head: over 400 parameters even 2 channels wide.
+    found.enqueue_trial({"blocks": 3, "convs_1": 3, "convs_2": 3, "convs_3": 3, "growth": 2.0,
+                         "squeeze": 1.0, "head": "fc", "dropout": 0.0, "lr": 0.1,
+                         "batch_size": 64, "degrees": 0.0, "translate": 0.0})
+    settings_ = search.Settings(400, 2, "default", 256, False, ())
+    worker = search.Worker(found, settings_, space, compose(conf=REPO / "conf"), 1, None,
+                           torch.float32, client, experiment_id, parent_id)
+    worker.run()
+    (trial,) = found.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["over_budget"]
+    run_ = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run_.data.tags["trial_state"] == "pruned" and not run_.data.metrics
+
+
 # --- tiny projects ----------------------------------------------------------------------------
 
 
@@ -203,20 +231,27 @@ def untouched_project(tmp_path_factory) -> Path:
     ([], {"SEARCH_STORAGE": "postgresql://nobody:secret@127.0.0.1:9/optuna"},
      "SEARCH_STORAGE=postgresql+psycopg://nobody:***@127.0.0.1:9/optuna: cannot open the study's storage"),
 ])
-def test_bad_input_is_refused_before_any_trial(untouched_project, args, extra_env, message):
+def test_bad_input_is_refused_before_any_trial(untouched_project, args, extra_env, message,
+                                               monkeypatch, capsys):
+    # In this process, as `python -m tools.search` runs it (a subprocess each would cost
+    # seconds of start-up): the same main(), from the project's root.
     project = untouched_project
-    result = subprocess.run(search_cmd(*args), cwd=project, env=env(project, **extra_env),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert result.stderr.startswith(f"tools.search: error: {message}"), result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "secret" not in result.stderr
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("SEARCH_STORAGE", raising=False)
+    for key, value in {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", **extra_env}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stopped:
+        search.main(search_cmd(*args)[3:])
+    said = stopped.value.code if isinstance(stopped.value.code, str) else capsys.readouterr().err
+    assert said.startswith(f"tools.search: error: {message}"), said
+    assert len(said.strip().splitlines()) == 1, said
+    assert "secret" not in said
     # Nothing was started: no study, no MLflow store.
     assert not (project / "search.db").exists() and not (project / "mlflow.db").exists()
 
 
 @pytest.mark.slow
-def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project):
+def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, monkeypatch, capsys):
     # The test files are not there at all while the study runs.
     raw = project / "data/MNIST/raw"
     hidden = project / "hidden"
@@ -266,25 +301,24 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project):
     report = json.loads((project / "reports/model_report.json").read_text())
     assert report["total_params"] == best.user_attrs["parameters"]
 
-    # The same command again: the study is full, nothing trains, the preset is rewritten.
-    again = subprocess.run(search_cmd("--trials", "4", "--study", "nt", "--preset", "tinybest"),
-                           cwd=project, env=env(project), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "trial 4" not in again.stdout, again.stdout
+    # The same command again (in this process, as `python -m tools.search` runs it): the
+    # study is full, nothing trains.
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    search.main(search_cmd("--trials", "4", "--study", "nt", "--preset", "tinybest")[3:])
+    assert "trial 4" not in capsys.readouterr().out
     assert len(study(project, "nt").trials) == 4
-
     # Other settings under the same name are refused, before any trial.
-    other = subprocess.run(search_cmd("--trials", "4", "--study", "nt", "--budget", "4000",
-                                      "--preset", "tinybest"),
-                           cwd=project, env=env(project), capture_output=True, text=True, timeout=300)
-    assert other.returncode == 1
-    assert other.stderr.startswith("tools.search: error: STUDY=nt was started with other settings "
-                                   "(budget: 3000, now 4000)"), other.stderr
+    with pytest.raises(SystemExit, match=re.escape(
+            "tools.search: error: STUDY=nt was started with other settings (budget: 3000, now 4000)")):
+        search.main(search_cmd("--trials", "4", "--study", "nt", "--budget", "4000",
+                               "--preset", "tinybest")[3:])
 
 
 @pytest.mark.slow
 @pytest.mark.interruption
 def test_ctrl_c_marks_the_trial_failed_and_the_same_command_continues(project):
-    cmd = search_cmd("--trials", "3", "--epochs", "12", "--study", "stop", "--preset", "stopbest")
+    cmd = search_cmd("--trials", "2", "--epochs", "6", "--study", "stop", "--preset", "stopbest")
     process = subprocess.Popen(cmd, cwd=project, env=env(project), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     storage = f"sqlite:///{project / 'search.db'}"
@@ -303,7 +337,7 @@ def test_ctrl_c_marks_the_trial_failed_and_the_same_command_continues(project):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
     assert stderr.strip().splitlines()[-1].startswith(
-        "tools.search: stopped; trial 1 is marked failed, 1 of 3 trials are done and kept; "
+        "tools.search: stopped; trial 1 is marked failed, 1 of 2 trials are done and kept; "
         "the same command continues the study"), stderr
     first = study(project, "stop").trials
     assert [t.state.name for t in first[:2]] in (["COMPLETE", "FAIL"], ["PRUNED", "FAIL"])
@@ -315,7 +349,7 @@ def test_ctrl_c_marks_the_trial_failed_and_the_same_command_continues(project):
     assert "trial 0:" not in rerun.stdout and "trial 1:" not in rerun.stdout  # never rerun
     after = study(project, "stop").trials
     assert [t.state.name for t in after][1] == "FAIL"
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == 3
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in after) == 2
     assert (after[0].params, after[0].value) == (kept.params, kept.value)
     parent, children = search_runs(project, "stop")
     assert parent.info.status == "FINISHED"

@@ -348,62 +348,38 @@ class Worker:
                 if counted(self.study) >= self.trials:
                     break
                 trial = self.study.ask()
-            self.study._storage.record_heartbeat(trial._trial_id)
+            heartbeat(self.study, trial)
             if counted(self.study, below=trial.number) >= self.trials:
                 # Another worker asked at the same moment and took the last place.
                 trial.set_user_attr("surplus", "the study was full when this trial began; not run")
                 self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 break
             self.running = trial.number
-            self.run_trial(trial)
+            try:
+                self.run_trial(trial)
+            except BaseException:  # stopped before run_trial could say how: never left running
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                raise
             self.running = None
             self.summarize()
 
     def run_trial(self, trial) -> None:
+        """Propose, count, train and score one trial; Optuna and MLflow both learn how it
+        ended: complete, pruned (stopped early, over the budget, or diverged) or failed."""
         import optuna
-        from mlflow.entities import Metric
 
-        from stages.loop import TrainingDiverged, TrainingRun
+        from stages.loop import TrainingDiverged
 
         State = optuna.trial.TrialState
-        raw = propose(trial, self.space, self.base, self.settings)
-        run_id = self.client.create_run(self.experiment_id, run_name=f"{self.study.study_name}-t{trial.number:03d}",
-                                        tags={"mlflow.parentRunId": self.parent_id,
-                                              STUDY_TAG: self.study.study_name,
-                                              "optuna_trial": str(trial.number)}).info.run_id
-        self.client.log_batch(run_id, params=_params(trial.params))
+        run_id = self.client.create_run(
+            self.experiment_id, run_name=f"{self.study.study_name}-t{trial.number:03d}",
+            tags={"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study.study_name,
+                  "optuna_trial": str(trial.number)}).info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
-        if raw is None:  # counted, never built beyond its shape, never trained
-            trial.set_user_attr("over_budget", True)
-            self.end_trial(trial, run_id, State.PRUNED, f"over the budget of {self.settings.budget:,}")
-            return
-        params = parse_params(raw)
-        count = built_parameter_count(params)
-        trial.set_user_attr("parameters", count)
-        trial.set_user_attr("params", raw)  # what write_preset turns into a preset
-        self.client.log_batch(run_id, params=_params(tracking.flatten(raw)))
-        print(f"{PROG}: trial {trial.number}: {describe_trial(params)}", flush=True)
-        if count > self.settings.budget:
-            trial.set_user_attr("over_budget", True)
-            self.end_trial(trial, run_id, State.PRUNED, f"{count:,} parameters, over the budget")
-            return
-        run = TrainingRun.start(params, self.data.train, self.data.holdout, self.dtype,
-                                holdout_name=self.data.holdout_name)
         try:
-            run.capture()
-            for metrics in run.epochs():
-                stamp = int(time.time() * 1000)
-                self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, metrics["epoch"])
-                                                       for k, v in metrics.items() if k != "epoch"])
-                trial.report(metrics["val_accuracy"], metrics["epoch"])
-                self.study._storage.record_heartbeat(trial._trial_id)
-                print(f"{PROG}: trial {trial.number} epoch {metrics['epoch']}/{params.train.epochs}: "
-                      f"validation accuracy {metrics['val_accuracy']:.4f} "
-                      f"({metrics['epoch_seconds']:.1f} s)", flush=True)
-                if trial.should_prune():
-                    raise optuna.TrialPruned()
-        except optuna.TrialPruned:
-            self.end_trial(trial, run_id, State.PRUNED, f"pruned after epoch {len(run.history)}")
+            final = self.train_trial(trial, run_id)
+        except optuna.TrialPruned as why:
+            self.end_trial(trial, run_id, State.PRUNED, str(why))
         except TrainingDiverged as err:  # a bad recipe, which the sampler should learn from
             trial.set_user_attr("diverged", str(err))
             self.end_trial(trial, run_id, State.PRUNED, f"diverged ({err})")
@@ -415,10 +391,47 @@ class Worker:
                            status="FAILED")
             raise
         else:
-            final = run.history[-1]["val_accuracy"]
             self.client.log_metric(run_id, "final_val_accuracy", final)
             self.end_trial(trial, run_id, State.COMPLETE, f"final validation accuracy {final:.4f}",
                            value=final)
+
+    def train_trial(self, trial, run_id: str) -> float:
+        """The trial's final-epoch validation accuracy; raises TrialPruned to stop it early."""
+        import optuna
+        from mlflow.entities import Metric
+
+        from stages.loop import TrainingRun
+
+        raw = propose(trial, self.space, self.base, self.settings)
+        self.client.log_batch(run_id, params=_params(trial.params))
+        if raw is None:  # its layout is over the budget even at its narrowest: never built
+            trial.set_user_attr("over_budget", True)
+            raise optuna.TrialPruned(f"over the budget of {self.settings.budget:,} at any width")
+        params = parse_params(raw)
+        count = built_parameter_count(params)
+        trial.set_user_attr("parameters", count)
+        trial.set_user_attr("params", raw)  # what write_preset turns into a preset
+        self.client.log_batch(run_id, params=_params(tracking.flatten(raw)))
+        print(f"{PROG}: trial {trial.number}: {describe_trial(params)}", flush=True)
+        if count > self.settings.budget:  # the check every model passes before it trains
+            trial.set_user_attr("over_budget", True)
+            raise optuna.TrialPruned(f"{count:,} parameters, over the budget")
+        run = TrainingRun.start(params, self.data.train, self.data.holdout, self.dtype,
+                                holdout_name=self.data.holdout_name)
+        run.capture()
+        for metrics in run.epochs():
+            stamp = int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, metrics["epoch"])
+                                                   for k, v in metrics.items() if k != "epoch"])
+            trial.report(metrics["val_accuracy"], metrics["epoch"])
+            heartbeat(self.study, trial)
+            print(f"{PROG}: trial {trial.number} epoch {metrics['epoch']}/{params.train.epochs}: "
+                  f"validation accuracy {metrics['val_accuracy']:.4f} "
+                  f"({metrics['epoch_seconds']:.1f} s)", flush=True)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']}: behind the "
+                                         f"median of the trials before it")
+        return run.history[-1]["val_accuracy"]
 
     def end_trial(self, trial, run_id: str, state, why: str, value: float | None = None,
                   status: str = "FINISHED") -> None:
@@ -440,6 +453,14 @@ class Worker:
         if not summary["n_running"] and (status or counted(self.study) >= self.trials):
             self.client.set_terminated(self.parent_id, status or "FINISHED")
         return summary
+
+
+def heartbeat(study, trial) -> None:
+    """Tell the study this trial's worker is alive. Optuna's own optimize loop sends these
+    from a thread; with ask and tell the storage's method is the only way."""
+    record = getattr(study._storage, "record_heartbeat", None)  # none in memory: no workers
+    if record is not None:
+        record(trial._trial_id)
 
 
 def close_stale_trial(_study, trial) -> None:
