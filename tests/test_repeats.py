@@ -152,10 +152,24 @@ def test_resume_reopens_the_group_and_runs_only_the_missing_repeats(tmp_path):
 
 
 @pytest.mark.slow
+def experiment_names(node) -> list[str]:
+    """Every experiment name in `dvc exp show --json` output."""
+    if isinstance(node, dict):
+        return ([node["name"]] if node.get("name") else []) + [
+            name for value in node.values() for name in experiment_names(value)]
+    if isinstance(node, list):
+        return [name for value in node for name in experiment_names(value)]
+    return []
+
+
 def test_two_presets_two_seeds_make_two_groups_of_two(tmp_path):
     project = tiny_project(tmp_path / "project")
     tiny = ["--set", "train.epochs=1", "--set", "train.lr=0.05", "--set", "train.batch_size=128"]
-    run([str(BIN / "python"), "-m", "tools.repeats", "--repeats", "2", *tiny, "I1", "I3"], project)
+    # Two at a time: four experiments in their own temporary copies, side by side.
+    run([str(BIN / "python"), "-m", "tools.repeats", "--repeats", "2", "--jobs", "2", *tiny,
+         "I1", "I3"], project)
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], project).stdout)
+    assert {f"{p}-s{seed}" for p in ("I1", "I3") for seed in (0, 1)} <= set(experiment_names(shown))
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-cnn")

@@ -4,11 +4,12 @@
     python -m tools.repeats --repeats 2 --set train.epochs=1 I1 I3    (a smoke run)
 
 One accuracy figure from one random seed is an anecdote: on a 10,000-image test set two runs
-of the same recipe differ by a tenth of a point. For every preset this queues one DVC
-experiment per random seed 0..N-1, named `<preset>-s<seed>` (`dvc exp run --queue -f -n
-I3-s0 -S preset=I3 -S base.seed=0`), runs the queue, and groups the runs in MLflow: one
-parent run per preset, named after it, whose children are its repeats and which carries
-their aggregates (n, mean, standard deviation, min and max of the final test accuracy).
+of the same recipe differ by a tenth of a point. For every preset this runs one DVC
+experiment per random seed 0..N-1, named `<preset>-s<seed>` (`dvc exp run --temp -f -n
+I3-s0 -S preset=I3 -S base.seed=0`), `--jobs` at a time, each in its own temporary copy of
+the repo, and groups the runs in MLflow: one parent run per preset, named after it, whose
+children are its repeats and which carries their aggregates (n, mean, standard deviation,
+min and max of the final test accuracy).
 
 Starting a group supersedes the preset's earlier group (tag `superseded_by`); other presets'
 groups are not touched. A group cut short (Ctrl-C, a failed run) still gets the aggregates of
@@ -21,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 from stages import tracking
@@ -45,7 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every run (dvc exp run -S)")
     args = parser.parse_args(argv)
-    # One line naming the bad value and what is allowed, before anything is queued.
+    # One line naming the bad value and what is allowed, before anything runs.
     for option in ("repeats", "jobs"):
         value = getattr(args, option)
         if not value.isdigit() or int(value) < 1:
@@ -129,8 +132,40 @@ def close_group(client, experiment_id: str, parent_id: str) -> dict:
     return {**stats, "complete": complete, "planned": len(members)}
 
 
-def dvc(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "dvc", *args], check=True)
+def experiment_command(name: str, overrides: Sequence[str]) -> list[str]:
+    """One repeat as its own `dvc exp run --temp`: a throw-away copy of the repo, like a
+    queued run, but run by this process, not by DVC's task queue, whose worker can stop
+    for good after one experiment (its file-based message broker is read while it is being
+    written, celery/kombu#1551) and leave the rest of the queue waiting."""
+    return [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-f", "-n", name,
+            *[arg for item in overrides for arg in ("-S", item)]]
+
+
+def run_experiments(commands: dict[str, list[str]], jobs: int) -> list[str]:
+    """Run the commands, `jobs` at a time; the names of those that failed. On Ctrl-C or
+    SIGTERM the ones still running are stopped (each marks its MLflow run KILLED)."""
+    pending, running, failed = list(commands.items()), {}, []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                name, command = pending.pop(0)
+                running[name] = subprocess.Popen(command)
+            time.sleep(0.5)
+            for name, process in list(running.items()):
+                if process.poll() is not None:
+                    del running[name]
+                    if process.returncode:
+                        failed.append(name)
+    finally:
+        for process in running.values():
+            process.terminate()
+        for process in running.values():
+            process.wait()
+    return failed
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -150,19 +185,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         groups[preset] = parent_id
         to_run[preset] = [seed for seed in range(args.repeats)
                           if experiment_name(preset, seed) not in done]
-        queued = [experiment_name(preset, seed) for seed in to_run[preset]]
-        print(f"{preset}: MLflow parent run {parent_id}; queueing {', '.join(queued) or 'nothing'}")
+        names = [experiment_name(preset, seed) for seed in to_run[preset]]
+        print(f"{preset}: MLflow parent run {parent_id}; running {', '.join(names) or 'nothing'}")
+    commands = {experiment_name(preset, seed): experiment_command(
+                    experiment_name(preset, seed), [f"preset={preset}", f"base.seed={seed}", *args.set])
+                for preset in args.presets for seed in to_run[preset]}
     stopped = None
+    signal.signal(signal.SIGTERM, _stop)
     try:
-        for preset in args.presets:
-            for seed in to_run[preset]:
-                overrides = [f"preset={preset}", f"base.seed={seed}", *args.set]
-                dvc("exp", "run", "--queue", "-f", "-n", experiment_name(preset, seed),
-                    *[arg for item in overrides for arg in ("-S", item)])
-        if any(to_run.values()):
-            dvc("exp", "run", "--run-all", "-j", str(args.jobs))
-    except subprocess.CalledProcessError as err:  # a failed or stopped run: say so once, below
-        stopped = f"tools.repeats: `{' '.join(err.cmd[2:])}` stopped (exit status {err.returncode})"
+        failed = run_experiments(commands, args.jobs)
+        if failed:
+            stopped = f"tools.repeats: {', '.join(failed)} failed"
+    except KeyboardInterrupt as err:
+        stopped = f"tools.repeats: {err or 'interrupted by Ctrl-C'}"
     finally:  # also after Ctrl-C or a failed run: what finished is aggregated
         for preset, parent_id in groups.items():
             stats = close_group(client, experiment_id, parent_id)
