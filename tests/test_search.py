@@ -258,7 +258,7 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
     hidden.mkdir()
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         shutil.move(raw / name, hidden / name)
-    out = subprocess.run(search_cmd("--trials", "4", "--study", "nt", "--preset", "tinybest",
+    out = subprocess.run(search_cmd("--trials", "4", "--study", "tiny-study", "--preset", "tinybest",
                                     "--seed", "0"),
                          cwd=project, env=env(project), capture_output=True, text=True, timeout=600)
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
@@ -266,7 +266,7 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
     assert out.returncode == 0, out.stdout + out.stderr
     assert "768 training and 256 validation images" in out.stdout
 
-    found = study(project, "nt")
+    found = study(project, "tiny-study")
     states = [t.state for t in found.trials]
     assert len(states) == 4 and set(states) <= {optuna.trial.TrialState.COMPLETE,
                                                 optuna.trial.TrialState.PRUNED}
@@ -275,7 +275,7 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
             assert trial.user_attrs["parameters"] <= 3000
             assert trial.user_attrs["params"]["train"]["validation"] == 256
 
-    parent, children = search_runs(project, "nt")
+    parent, children = search_runs(project, "tiny-study")
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["n_complete"] + parent.data.metrics["n_pruned"] == 4
     assert parent.data.metrics["best_val_accuracy"] == found.best_value
@@ -287,6 +287,15 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
         history = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.value for m in history] == [v for _, v in sorted(found.trials[number].intermediate_values.items())]
         assert not client.get_metric_history(child.info.run_id, "test_accuracy")
+
+    # `mlflow ui` shows the study: its parent run in the search experiment's runs table.
+    if shutil.which("chromium"):
+        from tools.mlflow_ui import browser_page, mlflow_ui, runs_page
+
+        with mlflow_ui(f"sqlite:///{project / 'mlflow.db'}", project / "mlruns") as url, \
+                browser_page() as page:
+            page.goto(runs_page(url, parent.info.experiment_id))
+            page.get_by_text("tiny-study", exact=True).first.wait_for()
 
     # The winner: a preset that composes to the winning model, trained by `dvc exp run`.
     best = found.best_trial
@@ -305,13 +314,13 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
     # study is full, nothing trains.
     monkeypatch.chdir(project)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    search.main(search_cmd("--trials", "4", "--study", "nt", "--preset", "tinybest")[3:])
+    search.main(search_cmd("--trials", "4", "--study", "tiny-study", "--preset", "tinybest")[3:])
     assert "trial 4" not in capsys.readouterr().out
-    assert len(study(project, "nt").trials) == 4
+    assert len(study(project, "tiny-study").trials) == 4
     # Other settings under the same name are refused, before any trial.
     with pytest.raises(SystemExit, match=re.escape(
-            "tools.search: error: STUDY=nt was started with other settings (budget: 3000, now 4000)")):
-        search.main(search_cmd("--trials", "4", "--study", "nt", "--budget", "4000",
+            "tools.search: error: STUDY=tiny-study was started with other settings (budget: 3000, now 4000)")):
+        search.main(search_cmd("--trials", "4", "--study", "tiny-study", "--budget", "4000",
                                "--preset", "tinybest")[3:])
 
 
