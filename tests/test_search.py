@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,8 +34,8 @@ from hypothesis import strategies as st
 from test_pipeline import BIN, run, tiny_project
 
 from stages.params import compose, parse_params
-from tools import search
-from tools.search import Layout, Range, SearchError, fit, load_space, smallest_model, widest
+from tools import search, search_space
+from tools.search_space import Layout, Range, SearchError, fit, load_space, smallest_model, widest
 
 MODEL_BASE = compose(conf=REPO / "conf")["model"]
 
@@ -46,7 +45,7 @@ MODEL_BASE = compose(conf=REPO / "conf")["model"]
 def test_every_shipped_space_loads():
     for path in (REPO / "conf/search").glob("*.yaml"):
         space = load_space(path.stem, REPO / "conf/search")
-        assert set(space) == set(search.DIMENSIONS)
+        assert set(space) == set(search_space.DIMENSIONS)
     default = load_space("default", REPO / "conf/search")
     assert default["lr"] == Range(0.05, 0.5, log=True)
     assert default["head"] == ["fc", "gap"]
@@ -100,11 +99,11 @@ def test_every_model_is_the_widest_within_the_budget(layout, budget):
     model = fit(layout, budget, MODEL_BASE, exact=False)
     width = widest(layout, budget, MODEL_BASE)
     if model is None:  # only a layout over the budget at its narrowest
-        assert search.build_section(layout, search.MIN_WIDTH, MODEL_BASE).parameter_count() > budget
+        assert search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE).parameter_count() > budget
         return
     assert model.parameter_count() <= budget
     # A hair wider and it is over: the budget is used, not just respected.
-    assert search.build_section(layout, width + 0.01, MODEL_BASE).parameter_count() > budget
+    assert search_space.build_section(layout, width + 0.01, MODEL_BASE).parameter_count() > budget
 
 
 @settings(max_examples=15, deadline=None)
@@ -121,7 +120,7 @@ def test_the_smallest_model_of_the_default_space():
     least, layout = smallest_model(load_space("default", REPO / "conf/search"), MODEL_BASE)
     # two blocks of one 2-channel conv, transitions to 1 channel, GAP onto 10 classes
     assert (layout.convs, layout.head) == ((1, 1), "gap")
-    assert least == search.build_section(layout, search.MIN_WIDTH, MODEL_BASE).parameter_count()
+    assert least == search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE).parameter_count()
 
 
 def test_a_trial_whose_worker_died_is_failed_and_its_place_freed(tmp_path, monkeypatch):

@@ -1,0 +1,214 @@
+"""The search space of `make search`: what a trial may vary (conf/search/<space>.yaml), and
+how a drawn layout becomes a model within the parameter budget.
+
+A space file gives every dimension as a range, a list of choices or one fixed value. A
+layout (blocks of 3x3 convs, each ended by a transition and a dropout, then the head) has
+no width of its own: `fit` gives it the widest channels within the budget, or exactly the
+budget, so a trial never trains a model the budget does not allow. No torch here: counting
+is the shape walk of stages.params.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.params import ConvLayer, Model, TransitionLayer, echo
+
+SPACES_DIR = Path("conf/search")
+# The narrowest a layout is tried at (channels of its first conv): a layout over the budget
+# even at this width is counted and refused without training.
+MIN_WIDTH = 2
+# With --exact, channels move by at most this much (one or two layers) to hit the budget.
+EXACT_REACH = 8
+
+
+class SearchError(ValueError):
+    """A bad option, space file, budget or storage: one line, before any trial starts."""
+
+
+# --- the search space ---------------------------------------------------------------------
+
+# Every dimension a space file gives, and the type of its values.
+DIMENSIONS: dict[str, type] = {
+    "blocks": int, "convs_per_block": int, "growth": float, "squeeze": float, "head": str,
+    "dropout": float, "lr": float, "batch_size": int, "degrees": float, "translate": float,
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    log: bool = False
+
+
+Spec = Any  # a Range, a list of choices, or one fixed value
+
+
+def load_space(name: str, spaces_dir: Path = SPACES_DIR) -> dict[str, Spec]:
+    """conf/search/<name>.yaml as {dimension: Range | list | value}, every entry checked."""
+    path = spaces_dir / f"{name}.yaml"
+    known = sorted(p.stem for p in spaces_dir.glob("*.yaml"))
+    if not path.is_file():
+        raise SearchError(f"SPACE={echo(name)}: no such search space; use one of "
+                          f"{', '.join(known)} ({spaces_dir}/)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SearchError(f"{path}: should be a mapping of dimensions")
+    unknown = sorted(set(raw) - set(DIMENSIONS))
+    missing = [key for key in DIMENSIONS if key not in raw]
+    if unknown or missing:
+        what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
+        raise SearchError(f"{path}: {what}; a space gives each of {', '.join(DIMENSIONS)}")
+    return {key: _spec(path, key, raw[key], DIMENSIONS[key]) for key in DIMENSIONS}
+
+
+def _spec(path: Path, key: str, value: Any, kind: type) -> Spec:
+    where = f"{path}: {key} = {echo(value)}"
+
+    def typed(item: Any) -> Any:
+        ok = (isinstance(item, (int, float)) and not isinstance(item, bool)
+              if kind is float else isinstance(item, kind) and not isinstance(item, bool))
+        if not ok:
+            raise SearchError(f"{where}: values should be {'numbers' if kind is float else kind.__name__ + 's'}")
+        return kind(item)
+
+    if isinstance(value, dict):
+        if kind is str or set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
+            raise SearchError(f"{where}: a range is {{low: a, high: b}} with an optional "
+                              f"log: true{'; this dimension takes a list of choices' if kind is str else ''}")
+        low, high, log = typed(value["low"]), typed(value["high"]), value.get("log", False)
+        if low > high or (log and low <= 0):
+            raise SearchError(f"{where}: needs low <= high{' and low > 0 on a log scale' if log else ''}")
+        return Range(low, high, bool(log))
+    if isinstance(value, list):
+        if not value:
+            raise SearchError(f"{where}: a list of choices needs at least one")
+        return [typed(item) for item in value]
+    return typed(value)
+
+
+def choices(spec: Spec) -> list:
+    """The values a structural dimension can take (a range: its low end, the cheapest)."""
+    return spec if isinstance(spec, list) else [spec.low if isinstance(spec, Range) else spec]
+
+
+def suggest(trial, name: str, spec: Spec) -> Any:
+    """The trial's value for one dimension; a fixed value is not a trial parameter. Floats
+    keep three significant digits, so that a preset reads `lr: 0.0522`, and the trial
+    trains exactly what its preset will say."""
+    if isinstance(spec, Range):
+        if isinstance(spec.low, int) and isinstance(spec.high, int):
+            return trial.suggest_int(name, spec.low, spec.high, log=spec.log)
+        return float(f"{trial.suggest_float(name, spec.low, spec.high, log=spec.log):.3g}")
+    if isinstance(spec, list):
+        return trial.suggest_categorical(name, spec)
+    return spec
+
+
+# --- from a layout to a model within the budget --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A model's shape without its width: `convs[b]` 3x3 convs in block b, each block ended
+    by a transition (MaxPool2d(2), 1x1 conv) and a dropout, then the head."""
+
+    convs: tuple[int, ...]
+    growth: float
+    squeeze: float
+    head: str
+    dropout: float
+
+    def layers(self, width: float) -> list[dict]:
+        layers: list[dict] = []
+        for block, convs in enumerate(self.convs):
+            channels = max(1, round(width * self.growth ** block))
+            layers += [{"conv": channels} for _ in range(convs)]
+            layers.append({"transition": max(1, round(self.squeeze * channels))})
+            if self.dropout > 0:
+                layers.append({"dropout": self.dropout})
+        return layers
+
+
+def build_section(layout: Layout, width: float, model_base: dict) -> Model:
+    return Model.model_validate({**model_base, "head": layout.head, "layers": layout.layers(width)})
+
+
+def widest(layout: Layout, budget: int, model_base: dict) -> float | None:
+    """The widest `layout` with at most `budget` parameters, as a width, or None when even the
+    narrowest is over. Every layer's channels are the width times its block's growth,
+    rounded, so the count never falls as the width grows, and a bisection over a fractional
+    width finds the widest fit layer by layer: a budget of 3,000 is not cut to the 2,300 a
+    whole-number width would stop at."""
+    def fits(width: float) -> bool:
+        try:
+            return build_section(layout, width, model_base).parameter_count() <= budget
+        except ValueError:  # channels past what a layer may have (1,024): too wide anyway
+            return False
+
+    if not fits(MIN_WIDTH):
+        return None
+    low = float(MIN_WIDTH)  # invariant: low fits, high does not
+    high = next(2.0 ** k * MIN_WIDTH for k in range(1, 20) if not fits(2.0 ** k * MIN_WIDTH))
+    while high - low > 0.01:
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def fit(layout: Layout, budget: int, model_base: dict, exact: bool) -> Model | None:
+    """The model a trial of `layout` trains: the widest within the budget or, with `exact`,
+    the widest (or a little narrower) whose count a small move makes exactly `budget`."""
+    width = widest(layout, budget, model_base)
+    if width is None:
+        return None
+    if not exact:
+        return build_section(layout, width, model_base)
+    for narrower in range(12):  # some counts are out of one or two moves' reach
+        moved = fill_exactly(build_section(layout, width * 0.97 ** narrower, model_base), budget)
+        if moved is not None:
+            return moved
+    return None
+
+
+def fill_exactly(model: Model, budget: int) -> Model | None:
+    """`model` with one or two layers' channels moved by the least amount (at most
+    EXACT_REACH each) that makes its count exactly `budget`; None when no such move exists."""
+    sized = [i for i, layer in enumerate(model.layers) if isinstance(layer, (ConvLayer, TransitionLayer))]
+    steps = range(-EXACT_REACH, EXACT_REACH + 1)
+    moves = [((i, d),) for i in sized for d in steps] + [
+        ((i, di), (j, dj)) for i, j in itertools.combinations(sized, 2) for di in steps for dj in steps]
+    for move in sorted(moves, key=lambda m: sum(abs(d) for _, d in m)):
+        layers = list(model.layers)
+        for index, delta in move:
+            key = "conv" if isinstance(layers[index], ConvLayer) else "transition"
+            channels = getattr(layers[index], key) + delta
+            if channels < 1:
+                break
+            layers[index] = layers[index].model_copy(update={key: channels})
+        else:
+            moved = model.model_copy(update={"layers": tuple(layers)})
+            if moved.parameter_count() == budget:
+                return Model.model_validate(moved.model_dump())
+    return None
+
+
+def smallest_model(space: dict[str, Spec], model_base: dict) -> tuple[int, Layout]:
+    """The fewest parameters any trial of `space` can have, and its layout."""
+    layouts = [Layout((min(choices(space["convs_per_block"])),) * blocks,
+                      min(choices(space["growth"])), min(choices(space["squeeze"])), head, 0.0)
+               for blocks in choices(space["blocks"]) for head in choices(space["head"])]
+    counted = []
+    for layout in layouts:
+        try:
+            counted.append((build_section(layout, MIN_WIDTH, model_base).parameter_count(), layout))
+        except ValueError as err:  # pydantic's ValidationError is one: a layout that cannot be built
+            raise SearchError(f"the space's layout {layout} cannot be built: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
+    return min(counted, key=lambda pair: pair[0])
