@@ -296,6 +296,16 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
             page.goto(runs_page(url, parent.info.experiment_id))
             page.get_by_text("tiny-study", exact=True).first.wait_for()
 
+    # What the study tried, best first, as the report prints it.
+    from benchmarks.search_report import table
+
+    report = table(found)
+    assert report[0].startswith("Study `tiny-study`: space conf/search/default.yaml, at most "
+                                "3,000 parameters, 2 epochs, scored on the last 256 training images")
+    assert "on cpu" in report[0]
+    rows = [line for line in report if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4 and rows[0].startswith(f"| {found.best_trial.number} | complete |")
+
     # The winner: a preset that composes to the winning model, trained by `dvc exp run`.
     best = found.best_trial
     preset = yaml.safe_load((project / "conf/preset/tinybest.yaml").read_text())

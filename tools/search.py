@@ -140,6 +140,7 @@ class Worker:
     client: Any  # mlflow.MlflowClient
     experiment_id: str
     parent_id: str
+    device: str = "unknown device"  # as stages.device.describe names it, e.g. "cpu: AMD EPYC (2 threads)"
     running: int | None = None  # the trial number in progress, for the stop message
 
     def run(self) -> None:
@@ -181,8 +182,9 @@ class Worker:
         run_id = self.client.create_run(
             self.experiment_id, run_name=f"{self.study.study_name}-t{trial.number:03d}",
             tags={"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study.study_name,
-                  "optuna_trial": str(trial.number)}).info.run_id
+                  "optuna_trial": str(trial.number), "device": self.device}).info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("device", self.device)  # each worker can be another machine
         try:
             final = self.train_trial(trial, run_id)
         except optuna.TrialPruned as why:
@@ -536,10 +538,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     client = tracking.client()
     worker = Worker(study, settings, space, base, args.trials, data,
                     resolve_precision(base_params.train.precision, device), client,
-                    experiment_id, parent_run(client, experiment_id, study, settings))
+                    experiment_id, parent_run(client, experiment_id, study, settings),
+                    describe(device))
     print(f"{PROG}: study {args.study} ({counted(study)} of {args.trials} trials so far) in "
           f"{tracking.redact(storage_url())}; {len(data.train):,} training and "
-          f"{len(data.holdout):,} validation images on {describe(device)}; MLflow parent run "
+          f"{len(data.holdout):,} validation images on {worker.device}; MLflow parent run "
           f"{worker.parent_id}", flush=True)
     signal.signal(signal.SIGTERM, _stop)
     try:

@@ -1,0 +1,79 @@
+"""What a study of `make search` tried and found, as a table, from its Optuna storage.
+
+    python -m benchmarks.search_report --study search14500_I3-e15 [--readme]
+
+One row per trial, best first: its state, layout (convs per block), conv channels,
+parameters, the epochs it trained before it finished or was pruned, its last validation
+accuracy, and the device it ran on. `--readme` writes the table into README.md's block
+`search-<study>`. The storage is SEARCH_STORAGE or search.db, as for `make search`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import readme
+from stages.params import parse_params
+from tools.search import open_storage, storage_url, study_summary
+
+
+def describe_layout(trial) -> tuple[str, str]:
+    """(convs per block, conv channels) of a trial that was built; ("-", "-") otherwise."""
+    if "params" not in trial.user_attrs:
+        return "-", "-"
+    model = parse_params(trial.user_attrs["params"]).model
+    blocks = [trial.params[f"convs_{b + 1}"] for b in range(trial.params["blocks"])]
+    convs = [shape.channels for shape in model.walk() if hasattr(shape.layer, "conv")]
+    return " + ".join(map(str, blocks)), ", ".join(map(str, convs))
+
+
+def table(study) -> list[str]:
+    settings = study.user_attrs["settings"]
+    summary = study_summary(study)
+    trials = sorted(study.trials, key=lambda t: (t.state.name != "COMPLETE",
+                                                 -(t.value or 0), -len(t.intermediate_values)))
+    devices = sorted({t.user_attrs.get("device", "device not recorded") for t in study.trials
+                      if t.intermediate_values})
+    lines = [
+        f"Study `{study.study_name}`: space conf/search/{settings['space']}.yaml, "
+        f"{'exactly' if settings['exact'] else 'at most'} {settings['budget']:,} parameters, "
+        f"{settings['epochs']} epochs, scored on the last {settings['validation']:,} training "
+        f"images; {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
+        f"{summary['n_failed']} failed; on {', '.join(devices) or 'no device yet'} "
+        f"(`python -m benchmarks.search_report --study {study.study_name}`).",
+        "",
+        "| trial | state | convs per block | conv channels | parameters | epochs | last val acc |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for trial in trials:
+        convs, channels = describe_layout(trial)
+        scores = trial.intermediate_values
+        last = f"{scores[max(scores)]:.2%}" if scores else "-"
+        count = trial.user_attrs.get("parameters")
+        state = "surplus" if "surplus" in trial.user_attrs else trial.state.name.lower()
+        lines.append(f"| {trial.number} | {state} | {convs} | {channels} | "
+                     f"{f'{count:,}' if count else '-'} | {len(scores)} | {last} |")
+    return lines
+
+
+def main() -> None:
+    import optuna
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--study", required=True)
+    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=args.study, storage=open_storage(storage_url()))
+    except KeyError:
+        raise SystemExit(f"benchmarks.search_report: error: no study {args.study!r} in "
+                         f"{storage_url()}") from None
+    lines = table(study)
+    print("\n".join(lines))
+    if args.readme:
+        readme.update({f"search-{args.study}": lines})
+
+
+if __name__ == "__main__":
+    main()
