@@ -136,4 +136,5 @@ def describe(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
-    return f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu: {cpu_model()} ({threads} thread{'s' if threads != 1 else ''})"
