@@ -16,7 +16,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui ui-screenshot server postgres promote serve predict iterations readmes seeds repeats search exps results bench bench-overheads profile recipes same-recipe plots params clean-venv
+.PHONY: setup repro test test-fast ui ui-screenshot server postgres promote serve predict iterations readmes seeds repeats search exps results bench bench-experiment bench-overheads profile recipes same-recipe plots params clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -127,6 +127,12 @@ recipes: setup  ## full recipes: training-loop time, accuracy, time to 99.4% (RE
 
 profile: setup  ## where a training step's time goes (torch.profiler, by kind of work)
 	$(BIN)/python -m benchmarks.profile_step --readme
+
+# A whole `dvc exp run` of PRESET, split into where its time goes (each stage's imports, data,
+# training loop, reports, MLflow, DVC itself): EXPERIMENT_ARGS="--preset I3 --set train.device=cuda"
+EXPERIMENT_ARGS ?= --preset I1
+bench-experiment: setup  ## a whole experiment's wall time and its split (EXPERIMENT_ARGS)
+	$(BIN)/python -m benchmarks.experiment_time $(EXPERIMENT_ARGS)
 
 bench-overheads: setup  ## per-epoch bookkeeping (MLflow, checkpoint) and no-op `dvc repro` times
 	$(BIN)/python -m benchmarks.overheads --readme

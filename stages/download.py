@@ -22,6 +22,8 @@ Run it as ``python -m stages.download`` from the repository root.
 
 from __future__ import annotations
 
+from stages import timing  # first: the stage's own imports are timed from here
+
 import gzip
 import hashlib
 import http.client
@@ -383,6 +385,8 @@ def _idx_labels(labels: np.ndarray) -> bytes:
 
 def main() -> None:
     """DVC entry point: read params, fetch what is missing, exit non-zero with one line on failure."""
+    lap = timing.Laps("download")
+    lap("start-up and imports")
     try:
         data = load_params().data
         origins = download_mnist(
@@ -402,6 +406,7 @@ def main() -> None:
         # the one in flight left nothing behind.
         sys.exit(f"download: interrupted; every file in {RAW_DIR} is complete and verified "
                  f"(a rerun fetches only what is missing)")
+    lap("MNIST checked or fetched")
     if fetched:
         print(f"downloaded {len(fetched)} of {len(origins)} MNIST files into {RAW_DIR}")
     else:

@@ -7,6 +7,8 @@ Adds its metrics and reports to the MLflow run the train stage opened for this m
 
 from __future__ import annotations
 
+from stages import timing  # first: the stage's own imports are timed from here
+
 import csv
 import sys
 from pathlib import Path
@@ -156,6 +158,8 @@ OUTPUTS = (METRICS_FILE, PER_CLASS_FILE, PREDICTIONS_FILE, REPORT_JSON, REPORT_M
 
 
 def main() -> None:
+    lap = timing.Laps("evaluate")
+    lap("start-up and imports")
     try:
         stage_params = load_params()
         model, params, run_id = load_model()
@@ -173,9 +177,11 @@ def main() -> None:
 
     configure(device)
     model = model.to(device)
+    lap("params, model, test data and MLflow store")
     try:
         with tracking.added_to_finished_run(run_id):
             result = predict_split(model, test_data, stage_params.evaluate.batch_size, params.train, dtype)
+            lap("test pass")
             labels = test_data.labels.cpu()
             matrix = confusion_matrix(labels, result.predictions)
             per_class = matrix.diag() / matrix.sum(dim=1).clamp(min=1)
@@ -196,6 +202,7 @@ def main() -> None:
                 write_text(staged(REPORT_MD), report_markdown(report))
                 plot_confusion(matrix, staged(FIGURES / "confusion_matrix.png"))
                 plot_curves(CURVES_FILE, staged(FIGURES / "training_curves.png"))
+            lap("reports and figures")
 
             # Per-epoch curves own the plain names; the evaluated model's figures are "final_".
             mlflow.log_metrics({f"final_{name}": value for name, value in metrics.items()})
@@ -204,6 +211,7 @@ def main() -> None:
             for path in (METRICS_FILE, REPORT_JSON, REPORT_MD, PER_CLASS_FILE):
                 mlflow.log_artifact(str(path), artifact_path="reports")
             mlflow.log_artifacts(str(FIGURES), artifact_path="figures")
+        lap("MLflow metrics and artifacts")
     except OSError as err:
         sys.exit(f"evaluate: error: could not write the reports ({err}); the reports in "
                  f"{REPORTS}/ are all as they were, and MLflow run {run_id} keeps its status")

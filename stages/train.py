@@ -9,6 +9,8 @@ DVC plots) and reports/train_metrics.json (best epoch, time, throughput).
 
 from __future__ import annotations
 
+from stages import timing  # first: the stage's own imports are timed from here
+
 import sys
 import time
 
@@ -57,7 +59,10 @@ def load_resumable(params: Params) -> dict | None:
 
 
 def main() -> None:
+    lap = timing.Laps("train")
+    lap("start-up and imports")
     params, device, data, experiment_id = prepare()
+    lap("params, data and MLflow store")
     configure(device, params.train.cudnn_benchmark)
     run = TrainingRun.start(params, data.train, data.holdout,
                             resolve_precision(params.train.precision, device),
@@ -66,11 +71,14 @@ def main() -> None:
     run_id = resume_or_open(run, experiment_id, device_name)
     with tracking.run_status(run_id):
         tracking.log_dataset(RAW_DIR, verified=params.data.verify_md5)
+        lap("model, MLflow run and dataset")
         started = time.perf_counter()
         run.capture()
         for metrics in run.epochs():
             save_epoch(run, run_id, metrics)
-        finish(run, run_id, time.perf_counter() - started, device_name)
+        lap("training loop (with each epoch's checkpoint and metrics)")
+        finish(run, run_id, time.perf_counter() - started, device_name, lap)
+    lap("MLflow run end")
 
 
 def prepare() -> tuple:
@@ -135,7 +143,8 @@ def save_epoch(run: TrainingRun, run_id: str, metrics: dict) -> None:
         print("train: " + "  ".join(_format(k, v) for k, v in metrics.items()), flush=True)
 
 
-def finish(run: TrainingRun, run_id: str, train_seconds: float, device_name: str) -> None:
+def finish(run: TrainingRun, run_id: str, train_seconds: float, device_name: str,
+           lap: timing.Laps) -> None:
     """The final model, the summary metrics and the MLflow model."""
     history, score = run.history, run.score_key
     save_model(run.model, run.params, run_id)
@@ -159,7 +168,9 @@ def finish(run: TrainingRun, run_id: str, train_seconds: float, device_name: str
                         "train_seconds": summary["train_seconds"],
                         **({"seconds_to_target": summary["seconds_to_target"]}
                            if summary["seconds_to_target"] is not None else {})})
+    lap("model file and summary metrics")
     log_model(run.model, run.params, run.train.images[:2])
+    lap("MLflow log_model")
     name = "test" if run.holdout_name == "test" else "validation"
     print(f"train: final {name} accuracy {history[-1][score]:.4f}, best "
           f"{best[score]:.4f} (epoch {best['epoch']}), {train_seconds:.1f} s "

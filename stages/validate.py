@@ -14,6 +14,8 @@ device, parameters and the memory estimate.
 
 from __future__ import annotations
 
+from stages import timing  # first: the stage's own imports are timed from here
+
 import os
 import sys
 from pathlib import Path
@@ -81,11 +83,14 @@ def check_fits(params: Params, available: int | None, where: str) -> None:
 
 
 def main() -> None:
+    lap = timing.Laps("validate")
+    lap("start-up and imports")
     try:
         _, plan = check(read_params_file())
     except ParamsError as err:
         sys.exit(f"validate: error: {err}")
     write_json(PLAN_FILE, plan)
+    lap("checks")
     print(f"validate: params.yaml is valid: {plan['preset']}, {plan['parameters']:,} parameters, "
           f"{plan['epochs']} epochs on {plan['device']}")
     if new_name := renamed_preset(plan["preset"]):

@@ -119,3 +119,37 @@ def test_default_run_line_reports_time_to_target(tmp_path, monkeypatch, seconds,
     monkeypatch.chdir(tmp_path)
     [line] = results_table.default_run()
     assert expected in line
+
+
+def test_the_experiment_split_accounts_for_every_second(tmp_path):
+    """The stages' phases plus DVC's share add up to the wall clock, and the fixed cost is
+    everything but the training loop and the test pass."""
+    from benchmarks import experiment_time
+
+    timeline = tmp_path / "timeline.jsonl"
+    phases = [("train", "start-up and imports", 100.0, 104.0),
+              ("train", experiment_time.LOOP_PHASES[0], 104.0, 110.0),
+              ("train", "MLflow log_model", 110.0, 112.0)]
+    timeline.write_text("".join(json.dumps({"stage": stage, "phase": phase, "start": start,
+                                            "end": end}) + "\n"
+                                for stage, phase, start, end in phases))
+    rows = experiment_time.split(timeline, wall=15.0)
+    assert [seconds for *_, seconds in rows] == [4.0, 6.0, 2.0, 3.0]  # DVC's: 15 - 12
+    summary = experiment_time.table(rows, 15.0, "heading")[-1]
+    assert summary == ("Whole `dvc exp run`: 15.0 s; training loop and test pass 6.0 s; "
+                       "fixed cost 9.0 s; whole / loop = 2.5x.")
+
+
+def test_stage_laps_are_written_only_when_asked(tmp_path, monkeypatch):
+    from stages import timing
+
+    monkeypatch.delenv(timing.TIMELINE, raising=False)
+    timing.Laps("train")("start-up and imports")  # nothing to write to: nothing written
+    timeline = tmp_path / "timeline.jsonl"
+    monkeypatch.setenv(timing.TIMELINE, str(timeline))
+    laps = timing.Laps("evaluate")
+    laps("start-up and imports")
+    laps("test pass")
+    first, second = (json.loads(line) for line in timeline.read_text().splitlines())
+    assert (first["stage"], first["phase"], second["phase"]) == ("evaluate", "start-up and imports", "test pass")
+    assert first["start"] == timing.IMPORTED and first["end"] == second["start"] <= second["end"]
