@@ -211,7 +211,7 @@ def run_status(run_id: str) -> Iterator[None]:
 
 def _end_run(status: int) -> None:
     try:
-        mlflow.flush_async_logging()  # the queued per-epoch metrics first
+        mlflow.flush_async_logging()  # any metrics still queued, first
     finally:
         if status == RunStatus.FINISHED:
             mlflow.end_run(RunStatus.to_string(status))
