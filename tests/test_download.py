@@ -604,3 +604,34 @@ def test_a_damaged_archive_is_skipped_for_the_next_source(tmp_path: Path) -> Non
     origins = download.download_mnist(tmp_path / "raw", mirrors=[mirror.as_uri()],
                                       pypi_fallback=False, expected_md5=expected, archive=archive)
     assert all(origin.startswith("file://") for origin in origins.values()), origins
+
+
+def test_the_archive_is_packed_again_only_when_it_does_not_hold_the_files(tmp_path: Path) -> None:
+    """In DVC's temporary copy the files come from the workspace, and the packed copy beside
+    them is checked against them instead of being packed again (seconds of gzip)."""
+    files = list(_raw_files(tmp_path / "raw"))
+    archive = tmp_path / "raw.tar.gz"
+    download.pack(tmp_path / "raw", archive, files)
+    assert download.archive_holds(archive, tmp_path / "raw", files)
+    (tmp_path / "raw" / files[0]).write_bytes(b"another file")
+    assert not download.archive_holds(archive, tmp_path / "raw", files)
+    assert not download.archive_holds(archive, tmp_path / "raw", files[1:])  # one too many
+    archive.write_bytes(b"not a tar")
+    assert not download.archive_holds(archive, tmp_path / "raw", files)
+    assert not download.archive_holds(tmp_path / "missing.tar.gz", tmp_path / "raw", files)
+
+
+def test_a_temporary_copy_keeps_its_packed_copy_when_it_holds_the_same_files(
+    default_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workspace, copy = tmp_path / "workspace", tmp_path / "copy"
+    files = _raw_files(workspace / download.RAW_DIR)
+    (copy / download.RAW_DIR).mkdir(parents=True)
+    download.pack(workspace / download.RAW_DIR, copy / download.ARCHIVE, list(files))
+    before = (copy / download.ARCHIVE).stat().st_mtime_ns
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(workspace))  # as in `dvc exp run --temp` or --queue
+    _write_params(copy, default_params, mirrors=[], pypi_fallback=False, verify_md5=False)
+    download.main()
+    assert {name: (copy / download.RAW_DIR / name).read_bytes() for name in files} == files
+    assert (copy / download.ARCHIVE).stat().st_mtime_ns == before  # not packed again
