@@ -46,6 +46,17 @@ def tiny_mnist(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def denormal_floats_back():
+    """stages.device.configure flushes denormal floats to zero for the whole process (a CPU
+    speed setting of the stages); after a test that ran a stage's code in this process,
+    the next test (hypothesis checks that such floats exist) gets an ordinary process."""
+    yield
+    import torch
+
+    torch.set_flush_denormal(False)
+
+
 @pytest.fixture
 def default_params() -> dict:
     """The repo's params.yaml as a plain dict, for tests to modify."""

@@ -68,22 +68,24 @@ def run_against(url: str, cmd: list[str], cwd: Path) -> subprocess.CompletedProc
 
 
 def test_dvc_exp_runs_land_on_the_server(server, tmp_path):
-    """On sqlite, four queued experiments two at a time (two clients at once); on PostgreSQL
-    one `dvc exp run`. Every run arrives whole: params, each epoch, reports, the model."""
+    """On sqlite, the repeats of two presets, two at a time (two clients at once, as `make
+    iterations JOBS=2` runs them); on PostgreSQL one `dvc exp run`. Every run arrives whole:
+    params, each epoch, reports, the model."""
     url, artifacts, backend = server
     project = tiny_project(tmp_path)
-    rates = ["0.04", "0.05", "0.06", "0.07"] if backend == "sqlite" else ["0.04"]
-    for i, lr in enumerate(rates):
-        run_against(url, [str(BIN / "dvc"), "exp", "run", *(["--queue"] if len(rates) > 1 else []),
-                          "-n", f"on-server-{i}", "-S", f"train.lr={lr}"], project)
-    if len(rates) > 1:
-        run_against(url, [str(BIN / "dvc"), "exp", "run", "--run-all", "-j", "2"], project)
+    if backend == "sqlite":
+        run_against(url, [str(BIN / "python"), "-m", "tools.repeats", "--repeats", "2",
+                          "--jobs", "2", "--set", "train.epochs=2", "I1", "I3"], project)
+        names = ["I1-s0", "I1-s1", "I3-s0", "I3-s1"]
+    else:
+        run_against(url, [str(BIN / "dvc"), "exp", "run", "-n", "on-server-0"], project)
+        names = ["on-server-0"]
 
     mlflow.set_tracking_uri(url)
     client = mlflow.MlflowClient()
-    found = mlflow.search_runs(experiment_names=["mnist-cnn"], output_format="list")
-    assert sorted(run.info.run_name for run in found) == [f"on-server-{i}" for i in range(len(rates))]
-    assert sorted(run.data.params["train.lr"] for run in found) == rates
+    found = [run for run in mlflow.search_runs(experiment_names=["mnist-cnn"], output_format="list")
+             if "dvc_exp_name" in run.data.tags]  # the training runs, not the repeats' parents
+    assert sorted(run.info.run_name for run in found) == names
     for run in found:
         assert run.info.status == "FINISHED", run.info.run_name
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
@@ -95,7 +97,7 @@ def test_dvc_exp_runs_land_on_the_server(server, tmp_path):
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
         assert model.metadata.signature is not None
     stored = [p.name for p in artifacts.rglob("*") if p.is_file()]
-    assert stored.count("MLmodel") == len(rates) and stored.count("metrics.json") == len(rates)
+    assert stored.count("MLmodel") == len(names) and stored.count("metrics.json") == len(names)
     assert not (project / "mlruns").exists()
 
 
@@ -106,14 +108,15 @@ def test_the_server_ui_lists_the_run(server, tmp_path):
 
     if shutil.which("chromium") is None:
         pytest.skip("no chromium on PATH (.ci/run installs Debian's package)")
-    url, _, _ = server
+    url, _, backend = server
     mlflow.set_tracking_uri(url)
     experiment = mlflow.get_experiment_by_name("mnist-cnn")
     if experiment is None:  # this backend's pipeline test did not run first
         pytest.skip("no run on this server")
     with browser_page() as page:
         page.goto(runs_page(url, experiment.experiment_id))
-        page.get_by_text("on-server-0", exact=True).first.wait_for()
+        # sqlite: a repeats group's parent run; PostgreSQL: the one experiment's run
+        page.get_by_text("I1" if backend == "sqlite" else "on-server-0", exact=True).first.wait_for()
 
 
 @pytest.mark.fault
