@@ -23,7 +23,7 @@ setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-compile -r requirements.txt  # bytecode is compiled on first import, only for what runs
 	touch $(STAMP)
 
 repro: setup  ## download, train, evaluate on params.yaml

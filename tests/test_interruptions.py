@@ -354,7 +354,7 @@ def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
 
     project = tiny_project(tmp_path)
     dvc = str(BIN / "dvc")
-    names = {"p1": 0.01, "p2": 0.02, "p3": 0.05, "p4": 0.1}
+    names = {"p1": 0.02, "p2": 0.1}  # one experiment per worker, both writing at once
     outputs = []
     for name, lr in names.items():
         outputs.append(run([dvc, "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}",
@@ -370,7 +370,7 @@ def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
     seconds = time.monotonic() - started
     status = run([dvc, "queue", "status"], project)
     outputs.append(status)
-    print(f"4 queued experiments, 2 at a time: {seconds:.0f} s")
+    print(f"{len(names)} queued experiments, 2 at a time: {seconds:.0f} s")
 
     for name in names:  # each experiment's own output: both stages ran, to the end
         log = run([dvc, "queue", "logs", name], project)
@@ -383,7 +383,7 @@ def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
         if path.is_file() and path.stat().st_size < 10_000_000:
             text += path.read_text(errors="replace")
     assert "database is locked" not in text.lower()
-    assert status.stdout.count("Success") == 4, status.stdout
+    assert status.stdout.count("Success") == len(names), status.stdout
 
     runs = mlflow_runs(project)
     assert sorted(r.info.run_name for r in runs) == sorted(names), [r.info.run_name for r in runs]

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -32,6 +35,7 @@ from tools.repeats import (
     finished_repeats,
     open_group,
     reopen_group,
+    run_experiments,
 )
 
 # --- bad input ---------------------------------------------------------------------------
@@ -148,10 +152,45 @@ def test_resume_reopens_the_group_and_runs_only_the_missing_repeats(tmp_path):
     assert reopen_group(client, experiment_id, "I1", ["I1-s0"]) is None  # no group yet
 
 
+@pytest.mark.interruption
+def test_a_stop_reaches_the_stage_under_dvc(tmp_path):
+    """`dvc exp run` does not pass SIGTERM on to the stage it runs: stopping the repeats
+    must stop the whole tree, or a training run goes on alone after its group closed."""
+    pid_file = tmp_path / "stage.pid"
+    # Stands for `dvc exp run`: a parent that starts a long child (the stage) and waits.
+    parent = ("import subprocess, sys; stage = subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(120)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(stage.pid)); stage.wait()")
+
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiments({"I1-s0": [sys.executable, "-c", parent]}, jobs=1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    stage = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(stage):
+        time.sleep(0.1)
+    assert not alive(stage), "the stage outlived the stopped repeats"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has stopped; only its parent is gone
+        return stat.read().split(") ")[-1][0] != "Z"
+
+
 # --- end to end: 2 presets x 2 random seeds on tiny data --------------------------------------
 
 
-@pytest.mark.slow
 def experiment_names(node) -> list[str]:
     """Every experiment name in `dvc exp show --json` output."""
     if isinstance(node, dict):
@@ -162,6 +201,7 @@ def experiment_names(node) -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_two_presets_two_seeds_make_two_groups_of_two(tmp_path):
     project = tiny_project(tmp_path / "project")
     tiny = ["--set", "train.epochs=1", "--set", "train.lr=0.05", "--set", "train.batch_size=128"]

@@ -74,9 +74,9 @@ def test_dvc_exp_runs_land_on_the_server(server, tmp_path):
     url, artifacts, backend = server
     project = tiny_project(tmp_path)
     if backend == "sqlite":
-        run_against(url, [str(BIN / "python"), "-m", "tools.repeats", "--repeats", "2",
+        run_against(url, [str(BIN / "python"), "-m", "tools.repeats", "--repeats", "1",
                           "--jobs", "2", "--set", "train.epochs=2", "I1", "I3"], project)
-        names = ["I1-s0", "I1-s1", "I3-s0", "I3-s1"]
+        names = ["I1-s0", "I3-s0"]
     else:
         run_against(url, [str(BIN / "dvc"), "exp", "run", "-n", "on-server-0"], project)
         names = ["on-server-0"]

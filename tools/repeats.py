@@ -20,6 +20,7 @@ latest group and runs only the repeats it is missing (`make iterations RESUME=1`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -149,7 +150,9 @@ def run_experiments(commands: dict[str, list[str]], jobs: int) -> list[str]:
         while pending or running:
             while pending and len(running) < jobs:
                 name, command = pending.pop(0)
-                running[name] = subprocess.Popen(command)
+                # Its own process group, so that a stop reaches the stage DVC runs as well
+                # (`dvc exp run` does not pass a SIGTERM on to it).
+                running[name] = subprocess.Popen(command, start_new_session=True)
             time.sleep(0.5)
             for name, process in list(running.items()):
                 if process.poll() is not None:
@@ -158,7 +161,8 @@ def run_experiments(commands: dict[str, list[str]], jobs: int) -> list[str]:
                         failed.append(name)
     finally:
         for process in running.values():
-            process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
         for process in running.values():
             process.wait()
     return failed
