@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 UI_PORT ?= 5000
 # dvc runs stage commands (`python -m stages.train`) through the shell: put the venv first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# MLflow 3's server and UI also start a job runner (a Huey consumer, five processes) for
+# its GenAI jobs; tracking never uses it, and on a small machine it competes with training.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 ITERATIONS := I0 I1 I2 I3
 READMES := readme000 readme001 readme002 readme003
@@ -23,7 +26,7 @@ setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-compile -r requirements.txt  # bytecode is compiled on first import, only for what runs
+	$(BIN)/pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
 repro: setup  ## download, train, evaluate on params.yaml

@@ -32,8 +32,14 @@ def table(study) -> list[str]:
     summary = study_summary(study)
     trials = sorted(study.trials, key=lambda t: (t.state.name != "COMPLETE",
                                                  -(t.value or 0), -len(t.intermediate_values)))
-    devices = sorted({t.user_attrs.get("device", "device not recorded") for t in study.trials
-                      if t.intermediate_values})
+    trained = [t for t in study.trials if t.intermediate_values]
+    # Trials recorded before `describe` said "1 thread" carry "(1 threads)".
+    devices = sorted({t.user_attrs["device"].replace("(1 threads)", "(1 thread)")
+                      for t in trained if "device" in t.user_attrs})
+    unrecorded = [str(t.number) for t in trained if "device" not in t.user_attrs]
+    if unrecorded:  # trials of a study begun before trials recorded their device
+        devices.append(f"device not recorded for trial{'s' * (len(unrecorded) > 1)} "
+                       f"{', '.join(unrecorded)}")
     lines = [
         f"Study `{study.study_name}`: space conf/search/{settings['space']}.yaml, "
         f"{'exactly' if settings['exact'] else 'at most'} {settings['budget']:,} parameters, "

@@ -23,7 +23,8 @@ def start_server(backend: str, artifacts: Path, port: int | None = None) -> tupl
     """`make server`'s command on a free local port (or `port`); waits until it answers."""
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # as `make server` runs it
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--serve-artifacts",
          "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),

@@ -61,7 +61,8 @@ def mlflow_ui(store_uri: str, artifact_root: Path) -> Iterator[str]:
     """`make ui`'s command on a free local port, in its own process group (it starts
     workers), stopped with the group; yields its address."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # No GenAI job runner (five more processes) for a UI that only shows runs.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", store_uri,
