@@ -334,22 +334,24 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
 @pytest.mark.interruption
 def test_ctrl_c_marks_the_trial_failed_and_the_same_command_continues(project):
     cmd = search_cmd("--trials", "2", "--epochs", "6", "--study", "stop", "--preset", "stopbest")
-    process = subprocess.Popen(cmd, cwd=project, env=env(project), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    storage = f"sqlite:///{project / 'search.db'}"
-    deadline = time.monotonic() + 300
-    # Wait for trial 1 to be under way (trial 0 finished, trial 1 past its first epoch).
-    while time.monotonic() < deadline:
-        try:
-            trials = optuna.load_study(study_name="stop", storage=storage).trials
-        except (KeyError, Exception):  # noqa: BLE001 - the study is not created yet
-            trials = []
-        if len(trials) >= 2 and trials[1].intermediate_values:
-            break
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    errors = project / "search.err"
+    with errors.open("w") as stderr_file:
+        process = subprocess.Popen(cmd, cwd=project, env=env(project, PYTHONUNBUFFERED="1"),
+                                   stdout=subprocess.PIPE, stderr=stderr_file, text=True,
+                                   start_new_session=True)
+        # Ctrl-C as soon as trial 1 has finished its first epoch, read from the worker's own
+        # output: the pruner can end a trial from its second epoch on, so polling the
+        # storage on a busy machine could miss the moment.
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if line.startswith("tools.search: trial 1 epoch 1/"):
+                os.killpg(process.pid, signal.SIGINT)
+                break
+        else:
+            pytest.fail(f"trial 1 never finished an epoch:\n{''.join(seen)}{errors.read_text()}")
+        process.communicate(timeout=120)
+    stderr = errors.read_text()
     assert process.returncode == 1
     assert stderr.strip().splitlines()[-1].startswith(
         "tools.search: stopped; trial 1 is marked failed, 1 of 2 trials are done and kept; "
