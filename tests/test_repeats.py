@@ -205,8 +205,9 @@ def experiment_names(node) -> list[str]:
 def test_two_presets_two_seeds_make_two_groups_of_two(tmp_path):
     project = tiny_project(tmp_path / "project")
     tiny = ["--set", "train.epochs=1", "--set", "train.lr=0.05", "--set", "train.batch_size=128"]
-    # Two at a time: four experiments in their own temporary copies, side by side.
-    run([str(BIN / "python"), "-m", "tools.repeats", "--repeats", "2", "--jobs", "2", *tiny,
+    # All four at once, each in its own temporary copy: they take turns at DVC's repo lock
+    # (without waiting for it, all but one would fail at the start).
+    run([str(BIN / "python"), "-m", "tools.repeats", "--repeats", "2", "--jobs", "4", *tiny,
          "I1", "I3"], project)
     shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], project).stdout)
     assert {f"{p}-s{seed}" for p in ("I1", "I3") for seed in (0, 1)} <= set(experiment_names(shown))

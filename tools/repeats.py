@@ -137,8 +137,10 @@ def experiment_command(name: str, overrides: Sequence[str]) -> list[str]:
     """One repeat as its own `dvc exp run --temp`: a throw-away copy of the repo, like a
     queued run, but run by this process, not by DVC's task queue, whose worker can stop
     for good after one experiment (its file-based message broker is read while it is being
-    written, celery/kombu#1551) and leave the rest of the queue waiting."""
-    return [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-f", "-n", name,
+    written, celery/kombu#1551) and leave the rest of the queue waiting. Experiments that
+    start together take turns at the repo's lock (`--wait-for-lock`) while each makes its
+    copy; without it, all but the first fail at once with "Unable to acquire lock"."""
+    return [sys.executable, "-m", "dvc", "--wait-for-lock", "exp", "run", "--temp", "-f", "-n", name,
             *[arg for item in overrides for arg in ("-S", item)]]
 
 
