@@ -33,9 +33,9 @@ repro: setup  ## download, train, evaluate on params.yaml
 	$(BIN)/dvc repro
 
 # Test modules run TEST_JOBS at a time (pytest-xdist; a module's tests stay together, so its
-# trained fixtures are made once). Much of the suite's time is end-to-end runs that wait on
-# process start-up, servers and I/O, so three workers keep even two cores busy.
-TEST_JOBS ?= 3
+# trained fixtures are made once). Most of the suite's time is end-to-end runs that wait on
+# process start-up and I/O, so two workers help even on two cores.
+TEST_JOBS ?= 2
 test: setup  ## the whole test suite (CI runs this)
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile
 
