@@ -106,7 +106,9 @@ def repeats_by_preset(found: dict[str, dict]) -> dict[str, list[Repeat]]:
             continue
         groups.setdefault(match["preset"], []).append(Repeat(
             seed=int(match["seed"]), final=final, best_epoch=train["best_epoch"],
-            parameters=train["params"], epochs=train["epochs"], device=train["device"]))
+            parameters=train["params"], epochs=train["epochs"],
+            # runs recorded before `describe` said "1 thread" carry "(1 threads)"
+            device=train["device"].replace("(1 threads)", "(1 thread)")))
     return {preset: sorted(runs, key=lambda r: r.seed) for preset, runs in groups.items()}
 
 
