@@ -34,6 +34,7 @@ from tools.repeats import (
     close_group,
     finished_repeats,
     open_group,
+    presets_git_lacks,
     reopen_group,
     run_experiments,
 )
@@ -60,6 +61,31 @@ def test_bad_arguments_are_refused_before_anything_is_queued(tmp_path, args, mes
     assert result.stderr.startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "m.db").exists()  # not even the tracking store was opened
+
+
+@pytest.mark.bad_input
+def test_a_preset_git_does_not_know_is_refused_before_anything_is_queued(tmp_path, monkeypatch):
+    """`make search` writes its winner as a new, untracked file; DVC's temporary copies leave
+    untracked files out, so each repeat would fail at validate. One line says what to do."""
+    presets = tmp_path / "conf/preset"
+    presets.mkdir(parents=True)
+    (presets / "I1.yaml").write_text("# @package _global_\n")
+    (presets / "search8000.yaml").write_text("# @package _global_\n")
+    run(["git", "init", "-q"], tmp_path)
+    run(["git", "add", "conf/preset/I1.yaml"], tmp_path)
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "PYTHONPATH": str(REPO),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    result = subprocess.run([sys.executable, "-m", "tools.repeats", "I1", "search8000"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "tools.repeats: error: preset 'search8000': conf/preset/search8000.yaml is not in git, "
+        "and each `dvc exp run --temp` copies only the files git knows; "
+        "`git add conf/preset/search8000.yaml` first\n")
+    assert not (tmp_path / "m.db").exists()
+    run(["git", "add", "conf/preset/search8000.yaml"], tmp_path)  # staged is enough for DVC
+    monkeypatch.chdir(tmp_path)
+    assert presets_git_lacks(["I1", "search8000"]) == []
 
 
 # --- statistics worked out by hand ------------------------------------------------------------

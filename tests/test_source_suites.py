@@ -61,6 +61,7 @@ EXPECTED = {
     "readme001": (["dropout"], []),
     "readme002": (["dropout"], []),
     "readme003": (["dropout"], []),
+    "search8000": (["dropout"], []),                                 # nn.Dropout, FC head
 }
 
 

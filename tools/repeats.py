@@ -23,15 +23,17 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from stages import tracking
-from stages.params import preset_names
+from stages.params import PRESETS_DIR, preset_names
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
 
 
@@ -61,10 +63,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.exit(2, f"tools.repeats: error: preset {', '.join(map(repr, unknown))} does not "
                        f"exist; the presets are {', '.join(known)} (conf/preset/)\n")
+    unstaged = presets_git_lacks(args.presets)
+    if unstaged:
+        files = " ".join(f"conf/preset/{name}.yaml" for name in unstaged)
+        parser.exit(2, f"tools.repeats: error: preset {', '.join(map(repr, unstaged))}: {files} "
+                       f"is not in git, and each `dvc exp run --temp` copies only the files git "
+                       f"knows; `git add {files}` first\n")
     bad_sets = [item for item in args.set if "=" not in item]
     if bad_sets:
         parser.exit(2, f"tools.repeats: error: --set {bad_sets[0]!r}: should be KEY=VALUE\n")
     return args
+
+
+def presets_git_lacks(presets: Sequence[str]) -> list[str]:
+    """The presets whose file git neither tracks nor has staged. DVC builds each temporary
+    copy from git and leaves untracked files out, so their runs would not find the preset
+    (a preset `make search` has just written, say). Without git (or outside a repo) there is
+    nothing to check: DVC itself then refuses to run experiments."""
+    git = shutil.which("git")
+    if git is None:
+        return []
+    listed = subprocess.run([git, "ls-files", "-z", "--", str(PRESETS_DIR)],
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        return []
+    known = {Path(name).stem for name in listed.stdout.split("\0") if name}
+    return [name for name in presets if name not in known]
 
 
 def open_group(client, experiment_id: str, preset: str, members: list[str]) -> str:

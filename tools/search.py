@@ -560,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = write_preset(args.preset, best, defaults, settings, args.study, len(data.train))
         print(f"{PROG}: best: trial {best.number}, final validation accuracy {best.value:.4f}, "
               f"{best.user_attrs['parameters']:,} parameters; written to {path}; its test accuracy: "
-              f"`make repeats PRESETS={args.preset}`")
+              f"`git add {path} && make repeats PRESETS={args.preset}` (DVC's experiments "
+              f"see only the files git knows)")
 
 
 def _stop(signum: int, _frame: object) -> None:
