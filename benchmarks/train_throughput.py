@@ -143,7 +143,7 @@ def seeds_way(params, device: torch.device, steps: int, workers: int) -> dict:
     """The seeds' training loop on `steps` batches of `seeds_loader`."""
     loader = seeds_loader(params, device, workers)
     torch.manual_seed(0)
-    model = build_model(params.model).to(device)
+    model = build_model(params.model, inplace_relu=False).to(device)
     optimizer = make_optimizer(model, params.train)
     scheduler = make_scheduler(optimizer, params.train, steps + 5)
     model.train()

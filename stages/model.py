@@ -22,9 +22,12 @@ from stages.params import (
 )
 
 
-def build_model(spec: Model) -> nn.Sequential:
+def build_model(spec: Model, inplace_relu: bool = True) -> nn.Sequential:
     """Layers named conv1, bn1, relu1, pool1, ... so reports and state dicts read clearly.
-    Shapes come from `spec.walk()`, the same walk that validated them."""
+    Shapes come from `spec.walk()`, the same walk that validated them. Each ReLU overwrites
+    its input (no conv or BatchNorm backward reads its own output, so autograd allows it),
+    which saves a tensor's allocation and write per ReLU; `inplace_relu=False` builds the
+    seeds' plain `nn.ReLU()` for the benchmark of their way."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     counts: dict[str, int] = {}
 
@@ -41,12 +44,13 @@ def build_model(spec: Model) -> nn.Sequential:
             after = {"bn": shape.batchnorm, "relu": layer.relu}
             for kind in ("relu", "bn") if spec.order == "relu_bn" else ("bn", "relu"):
                 if after[kind]:
-                    add(kind, nn.BatchNorm2d(shape.channels) if kind == "bn" else nn.ReLU())
+                    add(kind, nn.BatchNorm2d(shape.channels) if kind == "bn"
+                        else nn.ReLU(inplace=inplace_relu))
         elif isinstance(layer, TransitionLayer):
             add("pool", nn.MaxPool2d(2))
             add("conv", nn.Conv2d(shape.in_channels, shape.channels, 1, bias=spec.bias))
             if layer.relu:
-                add("relu", nn.ReLU())
+                add("relu", nn.ReLU(inplace=inplace_relu))
         elif isinstance(layer, MaxPoolLayer):
             add("pool", nn.MaxPool2d(layer.maxpool))
         elif isinstance(layer, DropoutLayer):
