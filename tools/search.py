@@ -544,7 +544,10 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{tracking.redact(storage_url())}; {len(data.train):,} training and "
           f"{len(data.holdout):,} validation images on {worker.device}; MLflow parent run "
           f"{worker.parent_id}", flush=True)
+    # SIGINT too: a worker started in the background by a script inherits SIGINT ignored,
+    # and Python then installs no Ctrl-C handler of its own, so `kill -INT` did nothing.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         worker.run()
     except KeyboardInterrupt:
