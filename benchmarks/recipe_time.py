@@ -49,7 +49,7 @@ def time_recipe(params: Params, device: torch.device, train, test) -> dict:
 
 def row(preset: str, params: Params, result: dict) -> str:
     claim = reported_figures().get(preset)
-    reported = f"{claim['final']:.2%}" if claim else "-"
+    reported = claim["printed"] if claim else "-"
     target = (f"{result['seconds_to_target']:.1f} s (epoch {result['epoch_to_target']})"
               if result["seconds_to_target"] is not None else "not reached")
     return (f"| {preset} | {result['params']:,} | {params.train.epochs} | "

@@ -11,10 +11,14 @@ accuracy over the repeats (n, mean, sample standard deviation, min to max), the 
 epoch, and what the source README reports (conf/reported.yaml) or, for the presets `make
 search` writes, the accuracy its winner should reach (benchmarks/search_targets.yaml).
 
-The verdict: "reproduced" when the mean reaches the reported figure minus one standard error
-of the mean (sd / sqrt(n)); otherwise the shortfall in points and in standard errors. With
-fewer than two repeats there is no spread, so no verdict. A preset with fewer repeats than
-`--repeats` is marked incomplete.
+The verdict. A source's figure is read as printed ("99.6%"): a rounded number, it stands for
+every accuracy that rounds to it (99.55% to 99.65%). A mean at or above the low end of that
+range is "reproduced"; under it by less than two standard errors of the mean (sd / sqrt(n))
+is no difference, so "reproduced" too, with the gap given; further under, the shortfall in
+points and in standard errors. A search's target is a threshold, not a rounded figure: "met"
+when the mean reaches it, "no difference" within two standard errors under it, else short.
+With fewer than two repeats there is no spread, so no verdict. A preset with fewer repeats
+than `--repeats` is marked incomplete.
 
 The figure (reports/results.png): mean final accuracy with +-1 sd error bars against
 parameters, one point per preset, the reported figures drawn beside them.
@@ -43,13 +47,38 @@ FIGURE = Path("reports/results.png")
 REPEAT_NAME = re.compile(r"^(?P<preset>[\w.]+)-s(?P<seed>\d+)$")
 
 
+# A figure as a README prints it: "99.6%", "99.24%", or ">99.4%" for a bound ("above 99.4%").
+PRINTED = re.compile(r"^(?P<bound>>)?(?P<number>\d{1,3}(?:\.(?P<decimals>\d+))?)%$")
+# Gaps under this many standard errors of the mean are no difference.
+NO_DIFFERENCE_SE = 2.0
+
+
+def printed_figure(text: str) -> tuple[float, float]:
+    """'99.6%' -> (0.996, 0.0005): the accuracy and half its last printed digit, the most
+    rounding can have moved it. A bound ('>99.4%') is exact: (0.994, 0.0)."""
+    match = PRINTED.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{REPORTED_FILE}: {text!r} should be a percentage as the README "
+                         f"prints it, e.g. \"99.6%\" (or \">99.4%\" for a bound)")
+    rounding = 0.0 if match["bound"] else 0.5 * 10 ** -len(match["decimals"] or "") / 100
+    return float(match["number"]) / 100, rounding
+
+
 def reported() -> dict[str, dict]:
-    return yaml.safe_load(REPORTED_FILE.read_text())
+    """conf/reported.yaml, each `final` and `best` read as printed: `final` becomes the number,
+    `printed` keeps the text and `rounding` its half-width."""
+    figures = yaml.safe_load(REPORTED_FILE.read_text())
+    for claim in figures.values():
+        claim["printed"] = claim["final"]
+        claim["final"], claim["rounding"] = printed_figure(claim["final"])
+        if "best" in claim:
+            claim["best"], _ = printed_figure(claim["best"])
+    return figures
 
 
 def claims() -> dict[str, dict]:
     """Every figure a preset is held to: what its source reports, or a search's target."""
-    targets = {name: {**claim, "target": True}
+    targets = {name: {**claim, "target": True, "printed": f"{claim['final']:.2%}", "rounding": 0.0}
                for name, claim in yaml.safe_load(TARGETS_FILE.read_text()).items()}
     return {**reported(), **targets}
 
@@ -122,14 +151,23 @@ def summarize(runs: list[Repeat]) -> dict:
             "best_epoch": statistics.fmean(run.best_epoch for run in runs)}
 
 
-def verdict(stats: dict, target: float, reached: str = "reproduced") -> str:
+def verdict(stats: dict, target: float, rounding: float = 0.0, is_target: bool = False) -> str:
+    """Reproduced (or met), no difference, or short: see the module's docstring. `rounding`
+    is how far the printed figure may sit from the accuracy it rounds."""
     if stats["sem"] is None:
         return "no verdict (n < 2)"
-    if stats["mean"] >= target - stats["sem"]:
-        return reached
-    gap = target - stats["mean"]
-    return f"short by {gap * 100:.2f} pt ({gap / stats['sem']:.1f} SE)" if stats["sem"] else \
-        f"short by {gap * 100:.2f} pt"
+    low = target - rounding
+    if stats["mean"] >= low:
+        return "met" if is_target else "reproduced"
+    gap = low - stats["mean"]
+    points = f"{gap * 100:.2f} pt" if gap >= 0.00005 else "less than 0.01 pt"
+    under = f"{points} under{' its rounding' if rounding else ''}"
+    if not stats["sem"]:
+        return f"short: {under}"
+    within = f"{under} ({gap / stats['sem']:.1f} SE)"
+    if gap < NO_DIFFERENCE_SE * stats["sem"]:
+        return f"no difference from the target: {within}" if is_target else f"reproduced: {within}"
+    return f"short: {within}"
 
 
 def rows(groups: dict[str, list[Repeat]], claims: dict[str, dict], planned: int) -> list[str]:
@@ -138,7 +176,7 @@ def rows(groups: dict[str, list[Repeat]], claims: dict[str, dict], planned: int)
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for preset, claim in claims.items():
         runs = groups.get(preset, [])
-        target = f"{claim['final']:.2%} ({claim['source']})"
+        target = f"{claim['printed']} ({claim['source']})"
         if not runs:
             lines.append(f"| {preset} | ({claim['parameters']:,}) | | 0 | not run | | | "
                          f"{target} | | |")
@@ -151,7 +189,7 @@ def rows(groups: dict[str, list[Repeat]], claims: dict[str, dict], planned: int)
             f"| {preset} | {runs[0].parameters:,} | {runs[0].epochs} | {n} | "
             f"{stats['mean']:.2%}{spread} | {stats['min']:.2%} to {stats['max']:.2%} | "
             f"{stats['best_epoch']:.1f} | {target} | "
-            f"{verdict(stats, claim['final'], 'met' if claim.get('target') else 'reproduced')} | "
+            f"{verdict(stats, claim['final'], claim['rounding'], bool(claim.get('target')))} | "
             f"{devices} |")
     return lines
 

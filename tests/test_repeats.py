@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ from conftest import REPO
 from mlflow import MlflowClient
 from test_pipeline import BIN, run, tiny_project
 
-from benchmarks.results_table import Repeat, rows, summarize, verdict
+from benchmarks.results_table import Repeat, printed_figure, rows, summarize, verdict
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
 from tools.repeats import (
     aggregate,
@@ -117,19 +118,55 @@ def test_summary_mean_sd_and_sem_of_hand_made_runs():
     assert (stats["min"], stats["max"], stats["best_epoch"]) == (0.9940, 0.9966, 12)
 
 
-@pytest.mark.parametrize("finals, target, expected", [
-    ((0.9950, 0.9960, 0.9970), 0.996, "reproduced"),            # mean == target
-    ((0.9945, 0.9955, 0.9965), 0.996, "reproduced"),            # 0.05 pt short < 1 SE (0.058)
-    ((0.9930, 0.9935, 0.9940), 0.996, "short by 0.25 pt (8.7 SE)"),
-    ((0.9950,), 0.996, "no verdict (n < 2)"),
+@pytest.mark.parametrize("finals, target, rounding, expected", [
+    ((0.9950, 0.9960, 0.9970), 0.996, 0.0, "reproduced"),           # mean == target
+    # 0.05 pt under, SE 0.058: no difference
+    ((0.9945, 0.9955, 0.9965), 0.996, 0.0, "reproduced: 0.05 pt under (0.9 SE)"),
+    ((0.9930, 0.9935, 0.9940), 0.996, 0.0, "short: 0.25 pt under (8.7 SE)"),
+    # "99.6%" printed with one decimal reaches down to 99.55%: a mean of 99.56% reaches it
+    ((0.9953, 0.9956, 0.9959), 0.996, 0.0005, "reproduced"),
+    # 0.06 pt under 99.55%, SE 0.006: short, and said to be under the rounding
+    ((0.9948, 0.9949, 0.9950), 0.996, 0.0005, "short: 0.06 pt under its rounding (10.4 SE)"),
+    ((0.9950,), 0.996, 0.0, "no verdict (n < 2)"),
 ])
-def test_verdict_rule(finals, target, expected):
-    assert verdict(summarize(repeats(*finals)), target) == expected
+def test_verdict_rule(finals, target, rounding, expected):
+    assert verdict(summarize(repeats(*finals)), target, rounding) == expected
+
+
+def test_a_target_is_met_only_at_or_above_it():
+    assert verdict(summarize(repeats(0.9950, 0.9951, 0.9952)), 0.995, is_target=True) == "met"
+    assert verdict(summarize(repeats(0.9945, 0.9950, 0.9955)), 0.995, is_target=True) == "met"
+    # 0.02 pt under, SE 0.03: not met, not shown short either
+    assert verdict(summarize(repeats(0.9943, 0.9948, 0.9953)), 0.995, is_target=True) == \
+        "no difference from the target: 0.02 pt under (0.7 SE)"
+
+
+@pytest.mark.parametrize("printed, value, rounding", [
+    ("99.6%", 0.996, 0.0005), ("98.0%", 0.980, 0.0005), ("99.24%", 0.9924, 0.00005),
+    (">99.4%", 0.994, 0.0), ("100%", 1.0, 0.005),
+])
+def test_a_printed_figure_keeps_its_rounding(printed, value, rounding):
+    assert printed_figure(printed) == (pytest.approx(value, abs=1e-12), pytest.approx(rounding, abs=1e-12))
+
+
+@pytest.mark.parametrize("bad", ["0.996", "99,6%", "about 99.6%", ""])
+def test_a_figure_not_written_as_printed_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        printed_figure(bad)
+
+
+def test_every_reported_figure_reads():
+    from benchmarks.results_table import reported
+    figures = reported()
+    assert figures["I3"]["printed"] == "99.6%" and figures["I3"]["rounding"] == pytest.approx(0.0005)
+    assert figures["readme002"]["rounding"] == 0.0  # "above 99.4%" is a bound
 
 
 def test_table_marks_short_groups_incomplete_and_unrun_presets():
-    claims = {"I3": {"source": "README 004", "parameters": 14_500, "final": 0.996},
-              "I1": {"source": "README 004", "parameters": 20_978, "final": 0.996}}
+    claims = {"I3": {"source": "README 004", "parameters": 14_500, "final": 0.996,
+                     "printed": "99.6%", "rounding": 0.0005},
+              "I1": {"source": "README 004", "parameters": 20_978, "final": 0.996,
+                     "printed": "99.6%", "rounding": 0.0005}}
     header, _, i3, i1 = rows({"I3": repeats(0.9950, 0.9960)}, claims, planned=3)
     cells = [cell.strip() for cell in i3.split("|")[1:-1]]
     assert cells[:6] == ["I3", "14,500", "15", "2 of 3 (incomplete)", "99.55% +- 0.07 pt",
