@@ -2,8 +2,8 @@
 
     python -m benchmarks.search_report --study search14500_I3-e15 [--readme]
 
-One row per trial, best first: its state, layout (convs per block), conv channels,
-parameters, the epochs it trained before it finished or was pruned, its last validation
+One row per trial, best first: its state, layout (convs per block), conv channels, the
+recipe settings it drew, parameters, the epochs it trained before it finished or was pruned, its last validation
 accuracy, and the device it ran on. `--readme` writes the table into README.md's block
 `search-<study>`. The storage is SEARCH_STORAGE or search.db, as for `make search`.
 """
@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 
 from benchmarks import readme
-from stages.params import parse_params
+from stages.params import ConvLayer, TransitionLayer, parse_params
 from tools.search import open_storage, storage_url, study_summary
+from tools.search_space import LAYOUT_DIMENSIONS
 
 
 def describe_layout(trial) -> tuple[str, str]:
@@ -22,9 +23,26 @@ def describe_layout(trial) -> tuple[str, str]:
     if "params" not in trial.user_attrs:
         return "-", "-"
     model = parse_params(trial.user_attrs["params"]).model
-    blocks = [trial.params[f"convs_{b + 1}"] for b in range(trial.params["blocks"])]
-    convs = [shape.channels for shape in model.walk() if hasattr(shape.layer, "conv")]
-    return " + ".join(map(str, blocks)), ", ".join(map(str, convs))
+    blocks, convs = [0], []
+    for layer in model.layers:  # a block's convs end at its transition
+        if isinstance(layer, ConvLayer):
+            blocks[-1] += 1
+            convs.append(layer.conv)
+        elif isinstance(layer, TransitionLayer):
+            blocks.append(0)
+    return " + ".join(map(str, [b for b in blocks if b])), ", ".join(map(str, convs))
+
+
+def describe_recipe(trial) -> str:
+    """The recipe settings the trial drew (the layout's are in the other columns)."""
+    drawn = {key: value for key, value in trial.params.items()
+             if key not in LAYOUT_DIMENSIONS and not key.startswith("convs_")}
+    def shown(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()  # as YAML writes it
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    return ", ".join(f"{key} {shown(value)}" for key, value in drawn.items()) or "-"
 
 
 def table(study) -> list[str]:
@@ -48,8 +66,8 @@ def table(study) -> list[str]:
         f"{summary['n_failed']} failed; on {', '.join(devices) or 'no device yet'} "
         f"(`python -m benchmarks.search_report --study {study.study_name}`).",
         "",
-        "| trial | state | convs per block | conv channels | parameters | epochs | last val acc |",
-        "| ---: | --- | --- | --- | ---: | ---: | ---: |",
+        "| trial | state | convs per block | conv channels | recipe drawn | parameters | epochs | last val acc |",
+        "| ---: | --- | --- | --- | --- | ---: | ---: | ---: |",
     ]
     for trial in trials:
         convs, channels = describe_layout(trial)
@@ -57,7 +75,7 @@ def table(study) -> list[str]:
         last = f"{scores[max(scores)]:.2%}" if scores else "-"
         count = trial.user_attrs.get("parameters")
         state = "surplus" if "surplus" in trial.user_attrs else trial.state.name.lower()
-        lines.append(f"| {trial.number} | {state} | {convs} | {channels} | "
+        lines.append(f"| {trial.number} | {state} | {convs} | {channels} | {describe_recipe(trial)} | "
                      f"{f'{count:,}' if count else '-'} | {len(scores)} | {last} |")
     return lines
 

@@ -45,12 +45,69 @@ MODEL_BASE = compose(conf=REPO / "conf")["model"]
 def test_every_shipped_space_loads():
     for path in (REPO / "conf/search").glob("*.yaml"):
         space = load_space(path.stem, REPO / "conf/search")
-        assert set(space) == set(search_space.DIMENSIONS)
+        given = set(space) - {"layout"} - set(search_space.OPTIONAL_DIMENSIONS)
+        layout = set(search_space.LAYOUT_DIMENSIONS) if space["layout"] == "fixed" else set()
+        assert given | layout == set(search_space.DIMENSIONS), path
     default = load_space("default", REPO / "conf/search")
     assert default["lr"] == Range(0.05, 0.5, log=True)
     assert default["head"] == ["fc", "gap"]
     i3 = load_space("I3", REPO / "conf/search")
     assert (i3["head"], i3["lr"], i3["batch_size"], i3["dropout"]) == ("gap", 0.2, 256, 0.05)
+
+
+def test_the_recipe_space_fixes_the_layout_and_draws_what_readme_004_leaves_open():
+    space = load_space("I3_recipe", REPO / "conf/search")
+    assert space["layout"] == "fixed"
+    assert not set(search_space.LAYOUT_DIMENSIONS) & set(space)
+    assert (space["lr"], space["batch_size"], space["degrees"], space["translate"]) == (0.2, 256, 10.0, 0.05)
+    assert space["momentum"] == Range(0.8, 0.95) and space["nesterov"] == [True, False]
+    assert 0.0 in space["weight_decay"] and isinstance(space["pct_start"], Range)
+
+
+def test_a_fixed_layout_trains_the_presets_model_with_the_drawn_recipe():
+    base = compose(conf=REPO / "conf", overrides=["preset=I3"])
+    space = load_space("I3_recipe", REPO / "conf/search")
+    trial = optuna.trial.FixedTrial({"momentum": 0.85, "nesterov": False, "weight_decay": 1e-4,
+                                     "pct_start": 0.2, "div_factor": 10.0, "final_div_factor": 100.0})
+    raw = search.propose(trial, space, base, search.Settings(14_500, 15, "I3_recipe", 10_000, False, ()))
+    assert raw["model"] == base["model"]  # the layout, channels and head of conf/preset/I3.yaml
+    train = raw["train"]
+    assert (train["momentum"], train["nesterov"], train["weight_decay"]) == (0.85, False, 1e-4)
+    assert train["onecycle"] == {"pct_start": 0.2, "div_factor": 10.0, "final_div_factor": 100.0}
+    assert (train["lr"], train["batch_size"], train["epochs"], train["validation"]) == (0.2, 256, 15, 10_000)
+    assert search.built_parameter_count(parse_params(raw)) == 14_500
+    assert smallest_model(space, base["model"]) == (14_500, None)
+
+
+def test_a_searched_layout_keeps_the_params_recipe_where_the_space_leaves_it_out():
+    base = compose(conf=REPO / "conf")
+    space = load_space("default", REPO / "conf/search")
+    trial = optuna.trial.FixedTrial({"blocks": 2, "convs_1": 1, "convs_2": 1, "growth": 1.5,
+                                     "squeeze": 0.5, "head": "gap", "dropout": 0.0, "lr": 0.1,
+                                     "batch_size": 128, "degrees": 5.0, "translate": 0.05})
+    raw = search.propose(trial, space, base, search.Settings(3000, 2, "default", 256, False, ()))
+    for key in ("momentum", "nesterov", "weight_decay", "onecycle"):
+        assert raw["train"][key] == base["train"][key]
+
+
+def test_the_report_reads_a_fixed_layout_from_the_model_and_lists_the_drawn_recipe():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from benchmarks.search_report import table
+
+    base = compose(conf=REPO / "conf", overrides=["preset=I3"])
+    found = optuna.create_study(direction="maximize")
+    found.set_user_attr("settings", {"space": "I3_recipe", "exact": False, "budget": 14_500,
+                                     "epochs": 15, "validation": 10_000})
+    found.add_trial(optuna.trial.create_trial(
+        params={"momentum": 0.85, "nesterov": False},
+        distributions={"momentum": FloatDistribution(0.8, 0.95),
+                       "nesterov": CategoricalDistribution([True, False])},
+        value=0.995, intermediate_values={15: 0.995},
+        user_attrs={"params": base, "parameters": 14_500, "device": "cpu"}))
+    row = table(found)[-1]
+    assert row == ("| 0 | complete | 2 + 1 + 1 | 17, 16, 30, 57 | momentum 0.85, nesterov false | "
+                   "14,500 | 1 | 99.50% |")
 
 
 def write_space(folder: Path, **changes) -> Path:
@@ -75,6 +132,11 @@ def write_space(folder: Path, **changes) -> Path:
     ({"blocks": ["two"]}, "blocks = ['two']: values should be ints"),
     ({"head": {"low": 1, "high": 2}}, "this dimension takes a list of choices"),
     ({"batch_size": []}, "a list of choices needs at least one"),
+    ({"layout": "random"}, "layout = 'random': should be one of searched, fixed"),
+    ({"layout": "fixed"}, "'blocks' is a layout dimension, and layout = fixed trains the model"),
+    ({"nesterov": ["yes"]}, "nesterov = ['yes']: values should be true or false"),
+    ({"nesterov": {"low": 0, "high": 1}}, "nesterov = {'high': 1, 'low': 0}: a range is"),
+    ({"momentum": "high"}, "momentum = 'high': values should be numbers"),
 ])
 def test_a_bad_space_file_is_explained(tmp_path, changes, message):
     with pytest.raises(SearchError, match=re.escape(message)):
@@ -83,7 +145,7 @@ def test_a_bad_space_file_is_explained(tmp_path, changes, message):
 
 @pytest.mark.bad_input
 def test_an_unknown_space_names_the_known_ones():
-    with pytest.raises(SearchError, match="SPACE='nope': no such search space; use one of I3, default"):
+    with pytest.raises(SearchError, match="SPACE='nope': no such search space; use one of I3, I3_recipe, default"):
         load_space("nope", REPO / "conf/search")
 
 
@@ -224,7 +286,7 @@ def untouched_project(tmp_path_factory) -> Path:
     (["--trials", "0"], {}, "TRIALS='0': should be a whole number of at least 1"),
     (["--epochs", "-1"], {}, "EPOCHS='-1': should be a whole number of at least 1"),
     (["--depth", "3"], {}, "unrecognized arguments: --depth 3 (options: --budget, --epochs, --trials"),
-    (["--space", "nope"], {}, "SPACE='nope': no such search space; use one of I3, default"),
+    (["--space", "nope"], {}, "SPACE='nope': no such search space; use one of I3, I3_recipe, default"),
     (["--preset", "I1"], {}, "PRESET=I1: conf/preset/I1.yaml exists and was not written by study"),
     (["--set", "train.lr=-1"], {}, "train.lr = -1: Input should be greater than 0"),
     ([], {"SEARCH_STORAGE": "postgresql://nobody:secret@127.0.0.1:9/optuna"},

@@ -80,34 +80,49 @@ class Settings:
     overrides: tuple[str, ...]
 
     def as_attr(self, space: dict[str, Spec]) -> dict:
-        """As stored with the study (JSON): the settings and the space's dimensions."""
+        """As stored with the study (JSON): the settings and the space's dimensions (and its
+        layout, where fixed: studies from before `layout` existed searched theirs)."""
         return {**dataclasses.asdict(self), "overrides": list(self.overrides),
                 "dimensions": {key: dataclasses.asdict(spec) if isinstance(spec, Range) else spec
-                               for key, spec in space.items()}}
+                               for key, spec in space.items()
+                               if not (key == "layout" and spec == "searched")}}
+
+
+# Where each optional recipe dimension goes in the train section.
+RECIPE_KEYS = {"momentum": ("momentum",), "nesterov": ("nesterov",),
+               "weight_decay": ("weight_decay",), "pct_start": ("onecycle", "pct_start"),
+               "div_factor": ("onecycle", "div_factor"),
+               "final_div_factor": ("onecycle", "final_div_factor")}
 
 
 def propose(trial, space: dict[str, Spec], base: dict, settings: Settings) -> dict | None:
     """The trial's params (a params.yaml mapping), or None when its layout cannot fit the
-    budget. Every dimension is drawn from the trial; the width comes from the budget."""
-    blocks = suggest(trial, "blocks", space["blocks"])
-    layout = Layout(
-        convs=tuple(suggest(trial, f"convs_{block + 1}", space["convs_per_block"])
-                    for block in range(blocks)),
-        growth=suggest(trial, "growth", space["growth"]),
-        squeeze=suggest(trial, "squeeze", space["squeeze"]),
-        head=suggest(trial, "head", space["head"]),
-        dropout=suggest(trial, "dropout", space["dropout"]))
-    recipe = {"lr": suggest(trial, "lr", space["lr"]),
-              "batch_size": suggest(trial, "batch_size", space["batch_size"])}
-    augment = {"degrees": suggest(trial, "degrees", space["degrees"]),
-               "translate": suggest(trial, "translate", space["translate"])}
-    model = fit(layout, settings.budget, base["model"], settings.exact)
-    if model is None:
-        return None
+    budget. Every dimension is drawn from the trial; the width comes from the budget. With
+    `layout: fixed`, the model is the base params' own."""
     raw = copy.deepcopy(base)
-    raw["model"] = model_section(model)
-    raw["train"].update(recipe, epochs=settings.epochs, validation=settings.validation)
-    raw["train"]["augment"].update(augment)
+    if space["layout"] == "searched":
+        blocks = suggest(trial, "blocks", space["blocks"])
+        layout = Layout(
+            convs=tuple(suggest(trial, f"convs_{block + 1}", space["convs_per_block"])
+                        for block in range(blocks)),
+            growth=suggest(trial, "growth", space["growth"]),
+            squeeze=suggest(trial, "squeeze", space["squeeze"]),
+            head=suggest(trial, "head", space["head"]),
+            dropout=suggest(trial, "dropout", space["dropout"]))
+        model = fit(layout, settings.budget, base["model"], settings.exact)
+        if model is None:
+            return None
+        raw["model"] = model_section(model)
+    raw["train"].update(lr=suggest(trial, "lr", space["lr"]),
+                        batch_size=suggest(trial, "batch_size", space["batch_size"]),
+                        epochs=settings.epochs, validation=settings.validation)
+    raw["train"]["augment"].update(degrees=suggest(trial, "degrees", space["degrees"]),
+                                   translate=suggest(trial, "translate", space["translate"]))
+    for dimension, keys in RECIPE_KEYS.items():
+        if dimension in space:
+            *section, key = keys
+            target = raw["train"][section[0]] if section else raw["train"]
+            target[key] = suggest(trial, dimension, space[dimension])
     return raw
 
 
@@ -121,9 +136,13 @@ def model_section(model: Model) -> dict:
 def describe_trial(params: Params) -> str:
     convs = [shape.channels for shape in params.model.walk() if isinstance(shape.layer, ConvLayer)]
     recipe = params.train
+    cycle = recipe.onecycle
     return (f"{params.model.parameter_count():,} parameters, {params.model.head} head, convs "
             f"{convs}, lr {recipe.lr:.3g}, batch {recipe.batch_size}, rotation "
-            f"{recipe.augment.degrees:.1f}, shift {recipe.augment.translate:.3f}")
+            f"{recipe.augment.degrees:.1f}, shift {recipe.augment.translate:.3f}, momentum "
+            f"{recipe.momentum:.3g}{' Nesterov' if recipe.nesterov else ''}, weight decay "
+            f"{recipe.weight_decay:.3g}, OneCycle {cycle.pct_start:.3g}/{cycle.div_factor:.3g}/"
+            f"{cycle.final_div_factor:.3g}")
 
 
 @dataclass
@@ -516,9 +535,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         base_params = parse_params(base)  # a bad --set is refused here
         least, layout = smallest_model(space, base["model"])
         if args.budget < least:
+            what = (f"the fixed layout of preset {base['base']['preset']}" if layout is None else
+                    f"{len(layout.convs)} blocks, {layout.head} head, width {MIN_WIDTH}")
             raise SearchError(f"BUDGET={args.budget}: below the smallest model space "
-                              f"{args.space} can build ({least:,} parameters: {len(layout.convs)} "
-                              f"blocks, {layout.head} head, width {MIN_WIDTH}); use at least {least:,}")
+                              f"{args.space} can build ({least:,} parameters: {what}); use at "
+                              f"least {least:,}")
         check_preset_is_ours(args.preset, args.study)
     except (SearchError, ParamsError) as err:
         sys.exit(f"{PROG}: error: {err}")

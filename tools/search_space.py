@@ -38,6 +38,15 @@ DIMENSIONS: dict[str, type] = {
     "blocks": int, "convs_per_block": int, "growth": float, "squeeze": float, "head": str,
     "dropout": float, "lr": float, "batch_size": int, "degrees": float, "translate": float,
 }
+# The layout's dimensions: a space with `layout: fixed` gives none of them, and every trial
+# trains the model of the params it starts from (a preset: `--set preset=I3`).
+LAYOUT_DIMENSIONS = ("blocks", "convs_per_block", "growth", "squeeze", "head", "dropout")
+# Recipe settings a space may leave out: a trial then trains with the params' own value.
+OPTIONAL_DIMENSIONS: dict[str, type] = {
+    "momentum": float, "nesterov": bool, "weight_decay": float,
+    "pct_start": float, "div_factor": float, "final_div_factor": float,  # OneCycle's shape
+}
+LAYOUTS = ("searched", "fixed")
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,8 @@ Spec = Any  # a Range, a list of choices, or one fixed value
 
 
 def load_space(name: str, spaces_dir: Path = SPACES_DIR) -> dict[str, Spec]:
-    """conf/search/<name>.yaml as {dimension: Range | list | value}, every entry checked."""
+    """conf/search/<name>.yaml as {dimension: Range | list | value}, every entry checked, and
+    `layout` ("searched" or "fixed"). A dimension absent from the result is not drawn."""
     path = spaces_dir / f"{name}.yaml"
     known = sorted(p.stem for p in spaces_dir.glob("*.yaml"))
     if not path.is_file():
@@ -60,26 +70,42 @@ def load_space(name: str, spaces_dir: Path = SPACES_DIR) -> dict[str, Spec]:
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise SearchError(f"{path}: should be a mapping of dimensions")
-    unknown = sorted(set(raw) - set(DIMENSIONS))
-    missing = [key for key in DIMENSIONS if key not in raw]
+    layout = raw.pop("layout", "searched")
+    if layout not in LAYOUTS:
+        raise SearchError(f"{path}: layout = {echo(layout)}: should be one of {', '.join(LAYOUTS)}")
+    required = [key for key in DIMENSIONS if layout == "searched" or key not in LAYOUT_DIMENSIONS]
+    unknown = sorted(set(raw) - set(DIMENSIONS) - set(OPTIONAL_DIMENSIONS))
+    missing = [key for key in required if key not in raw]
+    given = [key for key in LAYOUT_DIMENSIONS if key in raw] if layout == "fixed" else []
     if unknown or missing:
         what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
-        raise SearchError(f"{path}: {what}; a space gives each of {', '.join(DIMENSIONS)}")
-    return {key: _spec(path, key, raw[key], DIMENSIONS[key]) for key in DIMENSIONS}
+        raise SearchError(f"{path}: {what}; a space gives each of {', '.join(required)}, and "
+                          f"may give {', '.join(OPTIONAL_DIMENSIONS)}")
+    if given:
+        raise SearchError(f"{path}: {given[0]!r} is a layout dimension, and layout = fixed "
+                          f"trains the model of the params the study starts from; leave out "
+                          f"{', '.join(LAYOUT_DIMENSIONS)}")
+    kinds = {**DIMENSIONS, **OPTIONAL_DIMENSIONS}
+    return {"layout": layout, **{key: _spec(path, key, value, kinds[key]) for key, value in raw.items()}}
 
 
 def _spec(path: Path, key: str, value: Any, kind: type) -> Spec:
     where = f"{path}: {key} = {echo(value)}"
 
     def typed(item: Any) -> Any:
-        ok = (isinstance(item, (int, float)) and not isinstance(item, bool)
-              if kind is float else isinstance(item, kind) and not isinstance(item, bool))
+        if kind is bool:
+            ok = isinstance(item, bool)
+        elif kind is float:
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool)
+        else:
+            ok = isinstance(item, kind) and not isinstance(item, bool)
         if not ok:
-            raise SearchError(f"{where}: values should be {'numbers' if kind is float else kind.__name__ + 's'}")
+            names = {float: "numbers", bool: "true or false"}
+            raise SearchError(f"{where}: values should be {names.get(kind, kind.__name__ + 's')}")
         return kind(item)
 
     if isinstance(value, dict):
-        if kind is str or set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
+        if kind in (str, bool) or set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
             raise SearchError(f"{where}: a range is {{low: a, high: b}} with an optional "
                               f"log: true{'; this dimension takes a list of choices' if kind is str else ''}")
         low, high, log = typed(value["low"]), typed(value["high"]), value.get("log", False)
@@ -199,8 +225,11 @@ def fill_exactly(model: Model, budget: int) -> Model | None:
     return None
 
 
-def smallest_model(space: dict[str, Spec], model_base: dict) -> tuple[int, Layout]:
-    """The fewest parameters any trial of `space` can have, and its layout."""
+def smallest_model(space: dict[str, Spec], model_base: dict) -> tuple[int, Layout | None]:
+    """The fewest parameters any trial of `space` can have, and its layout (None where the
+    layout is fixed: every trial trains `model_base`)."""
+    if space["layout"] == "fixed":
+        return Model.model_validate(model_base).parameter_count(), None
     layouts = [Layout((min(choices(space["convs_per_block"])),) * blocks,
                       min(choices(space["growth"])), min(choices(space["squeeze"])), head, 0.0)
                for blocks in choices(space["blocks"]) for head in choices(space["head"])]
