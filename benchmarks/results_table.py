@@ -14,8 +14,8 @@ search` writes, the accuracy its winner should reach (benchmarks/search_targets.
 The verdict. A source's figure is read as printed ("99.6%"): a rounded number, it stands for
 every accuracy that rounds to it (99.55% to 99.65%). A mean at or above the low end of that
 range is "reproduced"; under it by less than two standard errors of the mean (sd / sqrt(n))
-is no difference, so "reproduced" too, with the gap given; further under, the shortfall in
-points and in standard errors. A search's target is a threshold, not a rounded figure: "met"
+is "no difference", with the gap given (the repeats cannot tell the mean from the figure);
+further under, "short", by points and standard errors. A search's target is a threshold, not a rounded figure: "met"
 when the mean reaches it, "no difference" within two standard errors under it, else short.
 With fewer than two repeats there is no spread, so no verdict. A preset with fewer repeats
 than `--repeats` is marked incomplete.
@@ -166,7 +166,7 @@ def verdict(stats: dict, target: float, rounding: float = 0.0, is_target: bool =
         return f"short: {under}"
     within = f"{under} ({gap / stats['sem']:.1f} SE)"
     if gap < NO_DIFFERENCE_SE * stats["sem"]:
-        return f"no difference from the target: {within}" if is_target else f"reproduced: {within}"
+        return f"no difference from the target: {within}" if is_target else f"no difference: {within}"
     return f"short: {within}"
 
 

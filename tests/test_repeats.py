@@ -121,7 +121,7 @@ def test_summary_mean_sd_and_sem_of_hand_made_runs():
 @pytest.mark.parametrize("finals, target, rounding, expected", [
     ((0.9950, 0.9960, 0.9970), 0.996, 0.0, "reproduced"),           # mean == target
     # 0.05 pt under, SE 0.058: no difference
-    ((0.9945, 0.9955, 0.9965), 0.996, 0.0, "reproduced: 0.05 pt under (0.9 SE)"),
+    ((0.9945, 0.9955, 0.9965), 0.996, 0.0, "no difference: 0.05 pt under (0.9 SE)"),
     ((0.9930, 0.9935, 0.9940), 0.996, 0.0, "short: 0.25 pt under (8.7 SE)"),
     # "99.6%" printed with one decimal reaches down to 99.55%: a mean of 99.56% reaches it
     ((0.9953, 0.9956, 0.9959), 0.996, 0.0005, "reproduced"),
