@@ -15,8 +15,9 @@ The verdict. A source's figure is read as printed ("99.6%"): a rounded number, i
 every accuracy that rounds to it (99.55% to 99.65%). A mean at or above the low end of that
 range is "reproduced"; under it by less than two standard errors of the mean (sd / sqrt(n))
 is "no difference", with the gap given (the repeats cannot tell the mean from the figure);
-further under, "short", by points and standard errors. A search's target is a threshold, not a rounded figure: "met"
-when the mean reaches it, "no difference" within two standard errors under it, else short.
+further under, "short", by points and standard errors. A search's target is a threshold,
+not a rounded figure: "met" when the mean reaches it, "no difference" within two standard
+errors under it, else short.
 With fewer than two repeats there is no spread, so no verdict. A preset with fewer repeats
 than `--repeats` is marked incomplete.
 

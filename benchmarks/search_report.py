@@ -3,8 +3,8 @@
     python -m benchmarks.search_report --study search14500_I3-e15 [--readme]
 
 One row per trial, best first: its state, layout (convs per block), conv channels, the
-recipe settings it drew, parameters, the epochs it trained before it finished or was pruned, its last validation
-accuracy, and the device it ran on. `--readme` writes the table into README.md's block
+recipe settings it drew, parameters, the epochs it trained before it finished or was
+pruned, its last validation accuracy, and the device it ran on. `--readme` writes the table into README.md's block
 `search-<study>`. The storage is SEARCH_STORAGE or search.db, as for `make search`.
 """
 
@@ -37,6 +37,7 @@ def describe_recipe(trial) -> str:
     """The recipe settings the trial drew (the layout's are in the other columns)."""
     drawn = {key: value for key, value in trial.params.items()
              if key not in LAYOUT_DIMENSIONS and not key.startswith("convs_")}
+
     def shown(value) -> str:
         if isinstance(value, bool):
             return str(value).lower()  # as YAML writes it

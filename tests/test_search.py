@@ -287,6 +287,8 @@ def untouched_project(tmp_path_factory) -> Path:
     (["--epochs", "-1"], {}, "EPOCHS='-1': should be a whole number of at least 1"),
     (["--depth", "3"], {}, "unrecognized arguments: --depth 3 (options: --budget, --epochs, --trials"),
     (["--space", "nope"], {}, "SPACE='nope': no such search space; use one of I3, I3_recipe, default"),
+    (["--space", "I3_recipe", "--set", "preset=I3"], {}, "BUDGET=3000: below the smallest model "
+     "space I3_recipe can build (14,500 parameters: the fixed layout of preset I3); use at least 14,500"),
     (["--preset", "I1"], {}, "PRESET=I1: conf/preset/I1.yaml exists and was not written by study"),
     (["--set", "train.lr=-1"], {}, "train.lr = -1: Input should be greater than 0"),
     ([], {"SEARCH_STORAGE": "postgresql://nobody:secret@127.0.0.1:9/optuna"},
