@@ -487,8 +487,12 @@ def open_study(storage, args, settings: Settings, space: dict):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=max(3, min(10, args.trials // 4)))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, args.epochs // 3))
+    # TPE draws its first trials at random, and the pruner lets those same trials finish: each
+    # of TPE's proposals is then judged against the median of a whole random sample of the
+    # space, not of the first three trials, which cut every proposal of I3's layout study.
+    startup = max(3, min(10, args.trials // 4))
+    sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=startup)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=max(1, args.epochs // 3))
     study = optuna.create_study(storage=storage, study_name=args.study, direction="maximize",
                                 sampler=sampler, pruner=pruner, load_if_exists=True)
     wanted = settings.as_attr(space)
