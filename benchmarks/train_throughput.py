@@ -320,7 +320,10 @@ def main() -> None:
               f"{rate / 1e12:.3f} TFLOP/s." for dtype, rate in ceilings.items()]
     print("\n" + "\n".join(lines))
     if args.readme:
-        block = f"bench-{device.type}" + ("-malloc-default" if args.malloc == "default" else "")
+        # A CPU with AMX trains in bf16 (`precision: auto`): its figures get their own block.
+        amx = device.type == "cpu" and "amx_bf16" in cpu_flags()
+        block = (f"bench-{device.type}" + ("-amx" if amx else "")
+                 + ("-malloc-default" if args.malloc == "default" else ""))
         readme.update({block: lines})
 
 
