@@ -62,6 +62,7 @@ EXPECTED = {
     "readme002": (["dropout"], []),
     "readme003": (["dropout"], []),
     "search8000": (["dropout"], []),                                 # nn.Dropout, FC head
+    "search5000": (["dropout"], []),                                 # nn.Dropout, FC head
     "search14500_I3_recipe": (["dropout"], []),                      # I3's model
 }
 
