@@ -39,6 +39,7 @@ from stages.data import Split, load_split
 from stages.device import (
     configure,
     cpu_flags,
+    cpu_has_fast_bf16,
     describe,
     resolve_device,
     resolve_precision,
@@ -321,7 +322,7 @@ def main() -> None:
     print("\n" + "\n".join(lines))
     if args.readme:
         # A CPU with AMX trains in bf16 (`precision: auto`): its figures get their own block.
-        amx = device.type == "cpu" and "amx_bf16" in cpu_flags()
+        amx = device.type == "cpu" and cpu_has_fast_bf16()
         block = (f"bench-{device.type}" + ("-amx" if amx else "")
                  + ("-malloc-default" if args.malloc == "default" else ""))
         readme.update({block: lines})
