@@ -404,7 +404,9 @@ def test_ctrl_c_marks_the_trial_failed_and_the_same_command_continues(project):
                      "--seed", "3")
     errors = project / "search.err"
     with errors.open("w") as stderr_file:
-        process = subprocess.Popen(cmd, cwd=project, env=env(project, PYTHONUNBUFFERED="1"),
+        # PYTHONFAULTHANDLER: a worker that hangs after the Ctrl-C prints where, on SIGABRT.
+        process = subprocess.Popen(cmd, cwd=project, env=env(project, PYTHONUNBUFFERED="1",
+                                                             PYTHONFAULTHANDLER="1"),
                                    stdout=subprocess.PIPE, stderr=stderr_file, text=True,
                                    start_new_session=True)
         # Ctrl-C as soon as trial 1 has finished its first epoch, read from the worker's own
@@ -418,7 +420,12 @@ def test_ctrl_c_marks_the_trial_failed_and_the_same_command_continues(project):
                 break
         else:
             pytest.fail(f"trial 1 never finished an epoch:\n{''.join(seen)}{errors.read_text()}")
-        process.communicate(timeout=120)
+        try:
+            process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGABRT)
+            process.communicate()
+            pytest.fail(f"the worker did not stop within 120 s of the Ctrl-C:\n{errors.read_text()[-6000:]}")
     stderr = errors.read_text()
     assert process.returncode == 1
     assert stderr.strip().splitlines()[-1].startswith(
@@ -444,6 +451,32 @@ def test_ctrl_c_marks_the_trial_failed_and_the_same_command_continues(project):
     assert all(len(runs) == 1 for runs in by_trial.values())  # no trial logged twice
     assert by_trial[1][0].info.status == "KILLED" and by_trial[1][0].data.tags["trial_state"] == "fail"
     assert (project / "conf/preset/stopbest.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.interruption
+def test_a_ctrl_c_during_the_epochs_bookkeeping_waits_for_it(project, monkeypatch):
+    # The Ctrl-C arrives as the worker starts writing epoch 1 to Optuna and MLflow: the writes
+    # end whole (the epoch is in both), then the trial is marked failed and the worker stops.
+    report_epoch = search.Worker.report_epoch
+
+    def interrupted(self, trial, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+        report_epoch(self, trial, *args)
+
+    monkeypatch.setattr(search.Worker, "report_epoch", interrupted)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit, match=re.escape(
+            "tools.search: stopped; trial 0 is marked failed, 0 of 2 trials are done and kept")):
+        search.main(search_cmd("--trials", "2", "--study", "held", "--preset", "heldbest",
+                               "--seed", "3")[3:])
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+    (trial,) = study(project, "held").trials
+    assert trial.state.name == "FAIL" and list(trial.intermediate_values) == [1]
+    _, (child,) = search_runs(project, "held")
+    assert child.info.status == "KILLED" and "val_accuracy" in child.data.metrics
 
 
 @pytest.mark.slow

@@ -167,28 +167,45 @@ class Worker:
         import optuna
 
         while True:
-            # Optuna marks heartbeats experimental, and warns that they are meant for its own
-            # optimize loop; this loop sends them itself (record_heartbeat).
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                optuna.storages.fail_stale_trials(self.study)
-                if counted(self.study) >= self.trials:
-                    break
-                trial = self.study.ask()
-            heartbeat(self.study, trial)
-            if counted(self.study, below=trial.number) >= self.trials:
-                # Another worker asked at the same moment and took the last place.
-                trial.set_user_attr("surplus", "the study was full when this trial began; not run")
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                break
-            self.running = trial.number
+            # Ctrl-C and SIGTERM wait for every write to the study and to MLflow to end: raised
+            # in the middle of one (a SQLAlchemy session, a lock held), they could leave it
+            # half-done and the next write waiting on it. Only a training trial stops at once.
+            trial = None
             try:
+                with tracking.signals_deferred():  # a Ctrl-C here is raised once it has a trial
+                    trial = self.next_trial()
+                    self.running = None if trial is None else trial.number
+                if trial is None:
+                    break
                 self.run_trial(trial)
             except BaseException:  # stopped before run_trial could say how: never left running
-                self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                if trial is not None:
+                    with tracking.signals_deferred():
+                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL,
+                                        skip_if_finished=True)
                 raise
             self.running = None
             self.summarize()
+
+    def next_trial(self):
+        """A new trial of the study, or None when the study has all its trials."""
+        import optuna
+
+        # Optuna marks heartbeats experimental, and warns that they are meant for its own
+        # optimize loop; this loop sends them itself (record_heartbeat).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(self.study)
+            if counted(self.study) >= self.trials:
+                return None
+            trial = self.study.ask()
+        heartbeat(self.study, trial)
+        if counted(self.study, below=trial.number) >= self.trials:
+            # Another worker asked at the same moment and took the last place.
+            trial.set_user_attr("surplus", "the study was full when this trial began; not run")
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return None
+        return trial
 
     def run_trial(self, trial) -> None:
         """Propose, count, train and score one trial; Optuna and MLflow both learn how it
@@ -198,12 +215,13 @@ class Worker:
         from stages.loop import TrainingDiverged
 
         State = optuna.trial.TrialState
-        run_id = self.client.create_run(
-            self.experiment_id, run_name=f"{self.study.study_name}-t{trial.number:03d}",
-            tags={"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study.study_name,
-                  "optuna_trial": str(trial.number), "device": self.device}).info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("device", self.device)  # each worker can be another machine
+        with tracking.signals_deferred():
+            run_id = self.client.create_run(
+                self.experiment_id, run_name=f"{self.study.study_name}-t{trial.number:03d}",
+                tags={"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study.study_name,
+                      "optuna_trial": str(trial.number), "device": self.device}).info.run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("device", self.device)  # each worker can be another machine
         try:
             final = self.train_trial(trial, run_id)
         except optuna.TrialPruned as why:
@@ -226,60 +244,70 @@ class Worker:
     def train_trial(self, trial, run_id: str) -> float:
         """The trial's final-epoch validation accuracy; raises TrialPruned to stop it early."""
         import optuna
-        from mlflow.entities import Metric
 
         from stages.loop import TrainingRun
 
-        raw = propose(trial, self.space, self.base, self.settings)
-        self.client.log_batch(run_id, params=_params(trial.params))
-        if raw is None:  # its layout is over the budget even at its narrowest: never built
-            trial.set_user_attr("over_budget", True)
-            raise optuna.TrialPruned(f"over the budget of {self.settings.budget:,} at any width")
-        params = parse_params(raw)
-        count = built_parameter_count(params)
-        trial.set_user_attr("parameters", count)
-        trial.set_user_attr("params", raw)  # what write_preset turns into a preset
-        self.client.log_batch(run_id, params=_params(tracking.flatten(raw)))
-        print(f"{PROG}: trial {trial.number}: {describe_trial(params)}", flush=True)
-        if count > self.settings.budget:  # the check every model passes before it trains
-            trial.set_user_attr("over_budget", True)
-            raise optuna.TrialPruned(f"{count:,} parameters, over the budget")
+        with tracking.signals_deferred():
+            raw = propose(trial, self.space, self.base, self.settings)
+            self.client.log_batch(run_id, params=_params(trial.params))
+            if raw is None:  # its layout is over the budget even at its narrowest: never built
+                trial.set_user_attr("over_budget", True)
+                raise optuna.TrialPruned(f"over the budget of {self.settings.budget:,} at any width")
+            params = parse_params(raw)
+            count = built_parameter_count(params)
+            trial.set_user_attr("parameters", count)
+            trial.set_user_attr("params", raw)  # what write_preset turns into a preset
+            self.client.log_batch(run_id, params=_params(tracking.flatten(raw)))
+            print(f"{PROG}: trial {trial.number}: {describe_trial(params)}", flush=True)
+            if count > self.settings.budget:  # the check every model passes before it trains
+                trial.set_user_attr("over_budget", True)
+                raise optuna.TrialPruned(f"{count:,} parameters, over the budget")
         run = TrainingRun.start(params, self.data.train, self.data.holdout, self.dtype,
                                 holdout_name=self.data.holdout_name)
         run.capture()
-        for metrics in run.epochs():
-            stamp = int(time.time() * 1000)
-            self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, metrics["epoch"])
-                                                   for k, v in metrics.items() if k != "epoch"])
-            trial.report(metrics["val_accuracy"], metrics["epoch"])
-            heartbeat(self.study, trial)
-            print(f"{PROG}: trial {trial.number} epoch {metrics['epoch']}/{params.train.epochs}: "
-                  f"validation accuracy {metrics['val_accuracy']:.4f} "
-                  f"({metrics['epoch_seconds']:.1f} s)", flush=True)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']}: behind the "
-                                         f"median of the trials before it")
+        for metrics in run.epochs():  # the only place a Ctrl-C stops the worker at once
+            with tracking.signals_deferred():
+                self.report_epoch(trial, run_id, metrics, params.train.epochs)
         return run.history[-1]["val_accuracy"]
+
+    def report_epoch(self, trial, run_id: str, metrics: dict, epochs: int) -> None:
+        """Log the epoch to MLflow and to Optuna; raise TrialPruned when the pruner says so."""
+        import optuna
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, metrics["epoch"])
+                                               for k, v in metrics.items() if k != "epoch"])
+        trial.report(metrics["val_accuracy"], metrics["epoch"])
+        heartbeat(self.study, trial)
+        print(f"{PROG}: trial {trial.number} epoch {metrics['epoch']}/{epochs}: "
+              f"validation accuracy {metrics['val_accuracy']:.4f} "
+              f"({metrics['epoch_seconds']:.1f} s)", flush=True)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']}: behind the "
+                                     f"median of the trials before it")
 
     def end_trial(self, trial, run_id: str, state, why: str, value: float | None = None,
                   status: str = "FINISHED") -> None:
         """Tell Optuna, then close the trial's MLflow run with the same state."""
-        if value is None:
-            self.study.tell(trial, state=state)
-        else:
-            self.study.tell(trial, value)
-        name = state.name.lower()
-        self.client.set_tag(run_id, "trial_state", name)
-        self.client.set_terminated(run_id, status)
-        print(f"{PROG}: trial {trial.number}: {name}: {why}", flush=True)
+        with tracking.signals_deferred():
+            if value is None:
+                self.study.tell(trial, state=state)
+            else:
+                self.study.tell(trial, value)
+            name = state.name.lower()
+            self.client.set_tag(run_id, "trial_state", name)
+            self.client.set_terminated(run_id, status)
+            print(f"{PROG}: trial {trial.number}: {name}: {why}", flush=True)
 
     def summarize(self, status: str | None = None) -> dict:
         """The study so far, as the parent run's metrics; the parent ends when it is full
         and nothing runs (or with `status`, when this worker stops early)."""
-        summary = study_summary(self.study)
-        self.client.log_batch(self.parent_id, metrics=_metrics(summary))
-        if not summary["n_running"] and (status or counted(self.study) >= self.trials):
-            self.client.set_terminated(self.parent_id, status or "FINISHED")
+        with tracking.signals_deferred():
+            summary = study_summary(self.study)
+            self.client.log_batch(self.parent_id, metrics=_metrics(summary))
+            if not summary["n_running"] and (status or counted(self.study) >= self.trials):
+                self.client.set_terminated(self.parent_id, status or "FINISHED")
         return summary
 
 
@@ -571,15 +599,18 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{worker.parent_id}", flush=True)
     # SIGINT too: a worker started in the background by a script inherits SIGINT ignored,
     # and Python then installs no Ctrl-C handler of its own, so `kill -INT` did nothing.
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         worker.run()
     except KeyboardInterrupt:
         summary = worker.summarize(status="KILLED")
         done = summary["n_complete"] + summary["n_pruned"]
-        sys.exit(f"{PROG}: stopped; trial {worker.running} is marked failed, {done} of "
-                 f"{args.trials} trials are done and kept; the same command continues the study")
+        failed = "" if worker.running is None else f"trial {worker.running} is marked failed, "
+        sys.exit(f"{PROG}: stopped; {failed}{done} of {args.trials} trials are done and kept; "
+                 f"the same command continues the study")
+    finally:  # called as a function (the tests do), it leaves the caller's handlers as they were
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     summary = worker.summarize()
     print(f"{PROG}: {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
           f"{summary['n_failed']} failed, {summary['n_running']} still running elsewhere")
