@@ -185,6 +185,19 @@ def test_the_smallest_model_of_the_default_space():
     assert least == search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE).parameter_count()
 
 
+@pytest.mark.parametrize("trials, random_trials", [(3, 3), (8, 3), (12, 3), (20, 5), (40, 10), (200, 10)])
+def test_the_pruner_spares_exactly_the_samplers_random_trials(trials, random_trials):
+    # TPE's first trials are a random sample of the space; a pruner that judged them against
+    # each other (or started later) would cut TPE's proposals against too few, or no, trials.
+    args = search.parse_args(["--trials", str(trials), "--epochs", "15"])
+    settings_ = search.Settings(8000, 15, "default", 10_000, False, ())
+    study = search.open_study(optuna.storages.InMemoryStorage(), args, settings_,
+                              load_space("default", REPO / "conf/search"))
+    assert study.sampler._n_startup_trials == random_trials
+    assert study.pruner._n_startup_trials == random_trials
+    assert study.pruner._n_warmup_steps == 5
+
+
 def test_a_trial_whose_worker_died_is_failed_and_its_place_freed(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "HEARTBEAT_GRACE_S", 1)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
