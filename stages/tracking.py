@@ -190,7 +190,7 @@ def run_status(run_id: str) -> Iterator[None]:
     """Keep the run active while the block runs, and end it with the status it earned:
     FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM. Never left RUNNING, and
     metrics logged with `synchronous=False` are all stored before it ends."""
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     # System metrics (CPU, memory, disk; the GPU where nvidia-ml-py is installed) every 10 s,
     # without the monitor's own start and stop lines in the stage's log.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
@@ -223,7 +223,8 @@ def _end_run(status: int) -> None:
                 mlflow.end_run(RunStatus.to_string(status))
 
 
-def _raise_keyboard_interrupt(signum: int, _frame: object) -> None:
+def raise_keyboard_interrupt(signum: int, _frame: object) -> None:
+    """A signal handler: SIGTERM stops like Ctrl-C, so the same `finally` blocks run."""
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 

@@ -194,10 +194,6 @@ def run_experiments(commands: dict[str, list[str]], jobs: int) -> list[str]:
     return failed
 
 
-def _stop(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -221,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     experiment_name(preset, seed), [f"preset={preset}", f"base.seed={seed}", *args.set])
                 for preset in args.presets for seed in to_run[preset]}
     stopped = None
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, tracking.raise_keyboard_interrupt)
     try:
         failed = run_experiments(commands, args.jobs)
         if failed:

@@ -599,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{worker.parent_id}", flush=True)
     # SIGINT too: a worker started in the background by a script inherits SIGINT ignored,
     # and Python then installs no Ctrl-C handler of its own, so `kill -INT` did nothing.
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, tracking.raise_keyboard_interrupt)
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         worker.run()
     except KeyboardInterrupt:
@@ -621,10 +622,6 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{best.user_attrs['parameters']:,} parameters; written to {path}; its test accuracy: "
               f"`git add {path} && make repeats PRESETS={args.preset}` (DVC's experiments "
               f"see only the files git knows)")
-
-
-def _stop(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 if __name__ == "__main__":
