@@ -15,7 +15,7 @@ import argparse
 from benchmarks import readme
 from stages.params import ConvLayer, TransitionLayer, parse_params
 from tools.search import open_storage, storage_url, study_summary
-from tools.search_space import LAYOUT_DIMENSIONS
+from tools.search_space import LAYOUT_DIMENSIONS, OPTIONAL_LAYOUT_DIMENSIONS
 
 
 def describe_layout(trial) -> tuple[str, str]:
@@ -30,13 +30,15 @@ def describe_layout(trial) -> tuple[str, str]:
             convs.append(layer.conv)
         elif isinstance(layer, TransitionLayer):
             blocks.append(0)
-    return " + ".join(map(str, [b for b in blocks if b])), ", ".join(map(str, convs))
+    shape = " + ".join(map(str, [b for b in blocks if b]))  # a tail's convs count as a block
+    return shape + (" unpadded" if model.padding == "valid" else ""), ", ".join(map(str, convs))
 
 
 def describe_recipe(trial) -> str:
     """The recipe settings the trial drew (the layout's are in the other columns)."""
     drawn = {key: value for key, value in trial.params.items()
-             if key not in LAYOUT_DIMENSIONS and not key.startswith("convs_")}
+             if key not in (*LAYOUT_DIMENSIONS, *OPTIONAL_LAYOUT_DIMENSIONS)
+             and not key.startswith("convs_")}
 
     def shown(value) -> str:
         if isinstance(value, bool):

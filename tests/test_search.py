@@ -137,15 +137,22 @@ def write_space(folder: Path, **changes) -> Path:
     ({"nesterov": ["yes"]}, "nesterov = ['yes']: values should be true or false"),
     ({"nesterov": {"low": 0, "high": 1}}, "nesterov = {'high': 1, 'low': 0}: a range is"),
     ({"momentum": "high"}, "momentum = 'high': values should be numbers"),
+    ({"padding": ["same", "diagonal"]}, "padding = ['same', 'diagonal']: should be one or more of same, valid"),
+    ({"tail_convs": -1}, "tail_convs = -1: should be 0 or more"),
+    ({"layout": "fixed", **dict.fromkeys(search_space.LAYOUT_DIMENSIONS), "padding": "valid"},
+     "'padding' is a layout dimension, and layout = fixed trains the model"),
+    ({"padding": "valid", "blocks": 3, "convs_per_block": 3},
+     "cannot be built: layers.8 (conv: 2) on a 2x2 feature map: kernel 3 with padding 0 does not fit"),
 ])
 def test_a_bad_space_file_is_explained(tmp_path, changes, message):
     with pytest.raises(SearchError, match=re.escape(message)):
-        load_space("trial", write_space(tmp_path, **changes))
+        space = load_space("trial", write_space(tmp_path, **changes))
+        smallest_model(space, MODEL_BASE)  # what the search checks next, before any trial
 
 
 @pytest.mark.bad_input
 def test_an_unknown_space_names_the_known_ones():
-    with pytest.raises(SearchError, match="SPACE='nope': no such search space; use one of I3, I3_recipe, default"):
+    with pytest.raises(SearchError, match="SPACE='nope': no such search space; use one of I3, I3_recipe, default, unpadded"):
         load_space("nope", REPO / "conf/search")
 
 
@@ -176,6 +183,31 @@ def test_with_exact_every_model_has_exactly_the_budget(layout, budget):
     if model is not None:  # and torch agrees with the shape walk
         assert search.built_parameter_count(parse_params({**compose(conf=REPO / "conf"),
                                                           "model": search.model_section(model)})) == budget
+
+
+def test_an_unpadded_layout_can_end_with_convs_after_its_last_transition():
+    # README 001's shape: one block of two unpadded convs, a transition, four more convs, GAP.
+    layout = Layout((2,), growth=1.0, squeeze=1.0, head="gap", dropout=0.05, tail=4, padding="valid")
+    model = search_space.build_section(layout, 12, MODEL_BASE)
+    assert model.padding == "valid" and MODEL_BASE["padding"] == "same"
+    assert [(shape.channels, shape.size) for shape in model.walk()] == [
+        (12, 26), (12, 24), (12, 12), (12, 12), (12, 10), (12, 8), (12, 6), (12, 4)]
+    exact = fit(layout, 5_000, MODEL_BASE, exact=True)
+    assert exact.parameter_count() == 5_000 and exact.padding == "valid"
+    # Left out of a space, the two dimensions change nothing: the params' padding, no tail.
+    plain = Layout((2, 2), 1.5, 0.5, "gap", 0.05)
+    assert search_space.build_section(plain, 8, MODEL_BASE) == search_space.build_section(
+        Layout((2, 2), 1.5, 0.5, "gap", 0.05, tail=0, padding="same"), 8, MODEL_BASE)
+
+
+def test_the_smallest_model_of_the_unpadded_space_skips_layouts_that_cannot_be_built():
+    space = load_space("unpadded", REPO / "conf/search")
+    least, layout = smallest_model(space, MODEL_BASE)
+    assert (layout.convs, layout.tail, layout.padding) == ((1,), 2, "valid")
+    assert least == search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE).parameter_count()
+    # Two blocks of two unpadded convs leave a 4x4 map: two more convs do not fit, at any width.
+    assert "on a 2x2 feature map" in search_space.unbuildable(
+        Layout((2, 2), 1.0, 1.0, "gap", 0.0, tail=2, padding="valid"), MODEL_BASE)
 
 
 def test_the_smallest_model_of_the_default_space():
@@ -216,31 +248,47 @@ def test_a_trial_whose_worker_died_is_failed_and_its_place_freed(tmp_path, monke
     assert run_.info.status == "FAILED" and run_.data.tags["trial_state"] == "fail"
 
 
-def test_a_layout_over_the_budget_is_counted_and_never_trained(tmp_path, monkeypatch):
+def run_one_untrainable_trial(tmp_path, monkeypatch, space_name: str, budget: int, drawn: dict):
+    """A worker's run of one enqueued trial that must never train: the trial and its MLflow run."""
     import stages.loop
 
     def no_training(*args, **kwargs):
-        raise AssertionError("a trial over the budget started training")
+        raise AssertionError("a trial that should never train started training")
 
     monkeypatch.setattr(stages.loop.TrainingRun, "start", no_training)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     experiment_id = client.create_experiment("e")
     parent_id = client.create_run(experiment_id).info.run_id
-    space = load_space("default", REPO / "conf/search")
+    space = load_space(space_name, REPO / "conf/search")
     found = optuna.create_study(direction="maximize")
-    # Three blocks of three convs and an FC head: over 400 parameters even 2 channels wide.
-    found.enqueue_trial({"blocks": 3, "convs_1": 3, "convs_2": 3, "convs_3": 3, "growth": 2.0,
-                         "squeeze": 1.0, "head": "fc", "dropout": 0.0, "lr": 0.1,
-                         "batch_size": 64, "degrees": 0.0, "translate": 0.0})
-    settings_ = search.Settings(400, 2, "default", 256, False, ())
+    found.enqueue_trial({**drawn, "lr": 0.1, "batch_size": 64, "degrees": 0.0, "translate": 0.0})
+    settings_ = search.Settings(budget, 2, space_name, 256, False, ())
     worker = search.Worker(found, settings_, space, compose(conf=REPO / "conf"), 1, None,
                            torch.float32, client, experiment_id, parent_id)
     worker.run()
     (trial,) = found.trials
-    assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs["over_budget"]
     run_ = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert trial.state == optuna.trial.TrialState.PRUNED
     assert run_.data.tags["trial_state"] == "pruned" and not run_.data.metrics
+    return trial, run_
+
+
+def test_a_layout_over_the_budget_is_counted_and_never_trained(tmp_path, monkeypatch):
+    # Three blocks of three convs and an FC head: over 400 parameters even 2 channels wide.
+    trial, _ = run_one_untrainable_trial(tmp_path, monkeypatch, "default", 400, {
+        "blocks": 3, "convs_1": 3, "convs_2": 3, "convs_3": 3, "growth": 2.0, "squeeze": 1.0,
+        "head": "fc", "dropout": 0.0})
+    assert trial.user_attrs["over_budget"]
+
+
+def test_an_unpadded_layout_that_cannot_be_built_is_pruned_naming_the_layer(tmp_path, monkeypatch):
+    trial, run_ = run_one_untrainable_trial(tmp_path, monkeypatch, "unpadded", 5_000, {
+        "blocks": 2, "convs_1": 2, "convs_2": 2, "tail_convs": 2, "growth": 1.0,
+        "squeeze": 1.0, "dropout": 0.0})
+    assert "on a 2x2 feature map: kernel 3 with padding 0 does not fit" in trial.user_attrs["unbuildable"]
+    assert "over_budget" not in trial.user_attrs and "parameters" not in trial.user_attrs
+    assert run_.data.params["tail_convs"] == "2"  # what was drawn is logged all the same
 
 
 # --- tiny projects ----------------------------------------------------------------------------

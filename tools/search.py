@@ -54,6 +54,7 @@ from tools.search_space import (
     load_space,
     smallest_model,
     suggest,
+    unbuildable,
 )
 
 EXPERIMENT = "mnist-cnn-search"
@@ -95,10 +96,15 @@ RECIPE_KEYS = {"momentum": ("momentum",), "nesterov": ("nesterov",),
                "final_div_factor": ("onecycle", "final_div_factor")}
 
 
+class Unbuildable(ValueError):
+    """A drawn layout whose unpadded convs shrink a feature map below their kernel."""
+
+
 def propose(trial, space: dict[str, Spec], base: dict, settings: Settings) -> dict | None:
     """The trial's params (a params.yaml mapping), or None when its layout cannot fit the
-    budget. Every dimension is drawn from the trial; the width comes from the budget. With
-    `layout: fixed`, the model is the base params' own."""
+    budget; Unbuildable when its layout cannot be built at all. Every dimension is drawn from
+    the trial; the width comes from the budget. With `layout: fixed`, the model is the base
+    params' own."""
     raw = copy.deepcopy(base)
     if space["layout"] == "searched":
         blocks = suggest(trial, "blocks", space["blocks"])
@@ -108,7 +114,12 @@ def propose(trial, space: dict[str, Spec], base: dict, settings: Settings) -> di
             growth=suggest(trial, "growth", space["growth"]),
             squeeze=suggest(trial, "squeeze", space["squeeze"]),
             head=suggest(trial, "head", space["head"]),
-            dropout=suggest(trial, "dropout", space["dropout"]))
+            dropout=suggest(trial, "dropout", space["dropout"]),
+            tail=suggest(trial, "tail_convs", space["tail_convs"]) if "tail_convs" in space else 0,
+            padding=suggest(trial, "padding", space["padding"]) if "padding" in space else None)
+        why = unbuildable(layout, base["model"])
+        if why is not None:
+            raise Unbuildable(why)
         model = fit(layout, settings.budget, base["model"], settings.exact)
         if model is None:
             return None
@@ -209,7 +220,8 @@ class Worker:
 
     def run_trial(self, trial) -> None:
         """Propose, count, train and score one trial; Optuna and MLflow both learn how it
-        ended: complete, pruned (stopped early, over the budget, or diverged) or failed."""
+        ended: complete, pruned (stopped early, over the budget, unbuildable or
+        diverged) or failed."""
         import optuna
 
         from stages.loop import TrainingDiverged
@@ -248,8 +260,13 @@ class Worker:
         from stages.loop import TrainingRun
 
         with tracking.signals_deferred():
-            raw = propose(trial, self.space, self.base, self.settings)
-            self.client.log_batch(run_id, params=_params(trial.params))
+            try:
+                raw = propose(trial, self.space, self.base, self.settings)
+            except Unbuildable as why:  # no width fits its shapes: never built
+                trial.set_user_attr("unbuildable", str(why))
+                raise optuna.TrialPruned(f"its layout cannot be built: {why}") from None
+            finally:  # what was drawn, built or not
+                self.client.log_batch(run_id, params=_params(trial.params))
             if raw is None:  # its layout is over the budget even at its narrowest: never built
                 trial.set_user_attr("over_budget", True)
                 raise optuna.TrialPruned(f"over the budget of {self.settings.budget:,} at any width")

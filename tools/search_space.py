@@ -2,8 +2,8 @@
 how a drawn layout becomes a model within the parameter budget.
 
 A space file gives every dimension as a range, a list of choices or one fixed value. A
-layout (blocks of 3x3 convs, each ended by a transition and a dropout, then the head) has
-no width of its own: `fit` gives it the widest channels within the budget, or exactly the
+layout (blocks of 3x3 convs, each ended by a transition and a dropout, then optionally a
+few more 3x3 convs, then the head) has no width of its own: `fit` gives it the widest channels within the budget, or exactly the
 budget, so a trial never trains a model the budget does not allow. No torch here: counting
 is the shape walk of stages.params.
 """
@@ -41,8 +41,15 @@ DIMENSIONS: dict[str, type] = {
 # The layout's dimensions: a space with `layout: fixed` gives none of them, and every trial
 # trains the model of the params it starts from (a preset: `--set preset=I3`).
 LAYOUT_DIMENSIONS = ("blocks", "convs_per_block", "growth", "squeeze", "head", "dropout")
-# Recipe settings a space may leave out: a trial then trains with the params' own value.
+# Layout dimensions a space may add. Left out, a trial keeps the params' padding and ends
+# with its last transition, as before they existed. `padding: valid` (unpadded convs, each
+# shrinking its map by 2) and `tail_convs` (3x3 convs after the last transition) reach the
+# shape of README 001's model and of the ERA-style nets: a few convs on a 12x12 map, then GAP.
+OPTIONAL_LAYOUT_DIMENSIONS: dict[str, type] = {"padding": str, "tail_convs": int}
+PADDINGS = ("same", "valid")
+# Settings a space may leave out: a trial then trains with the params' own value.
 OPTIONAL_DIMENSIONS: dict[str, type] = {
+    **OPTIONAL_LAYOUT_DIMENSIONS,
     "momentum": float, "nesterov": bool, "weight_decay": float,
     "pct_start": float, "div_factor": float, "final_div_factor": float,  # OneCycle's shape
 }
@@ -76,7 +83,8 @@ def load_space(name: str, spaces_dir: Path = SPACES_DIR) -> dict[str, Spec]:
     required = [key for key in DIMENSIONS if layout == "searched" or key not in LAYOUT_DIMENSIONS]
     unknown = sorted(set(raw) - set(DIMENSIONS) - set(OPTIONAL_DIMENSIONS))
     missing = [key for key in required if key not in raw]
-    given = [key for key in LAYOUT_DIMENSIONS if key in raw] if layout == "fixed" else []
+    layout_keys = (*LAYOUT_DIMENSIONS, *OPTIONAL_LAYOUT_DIMENSIONS)
+    given = [key for key in layout_keys if key in raw] if layout == "fixed" else []
     if unknown or missing:
         what = f"unknown key {unknown[0]!r}" if unknown else f"missing key {missing[0]!r}"
         raise SearchError(f"{path}: {what}; a space gives each of {', '.join(required)}, and "
@@ -84,9 +92,15 @@ def load_space(name: str, spaces_dir: Path = SPACES_DIR) -> dict[str, Spec]:
     if given:
         raise SearchError(f"{path}: {given[0]!r} is a layout dimension, and layout = fixed "
                           f"trains the model of the params the study starts from; leave out "
-                          f"{', '.join(LAYOUT_DIMENSIONS)}")
+                          f"{', '.join(layout_keys)}")
     kinds = {**DIMENSIONS, **OPTIONAL_DIMENSIONS}
-    return {"layout": layout, **{key: _spec(path, key, value, kinds[key]) for key, value in raw.items()}}
+    space = {key: _spec(path, key, value, kinds[key]) for key, value in raw.items()}
+    if "padding" in space and not set(choices(space["padding"])) <= set(PADDINGS):
+        raise SearchError(f"{path}: padding = {echo(raw['padding'])}: should be one or more "
+                          f"of {', '.join(PADDINGS)}")
+    if "tail_convs" in space and min(choices(space["tail_convs"])) < 0:
+        raise SearchError(f"{path}: tail_convs = {echo(raw['tail_convs'])}: should be 0 or more")
+    return {"layout": layout, **space}
 
 
 def _spec(path: Path, key: str, value: Any, kind: type) -> Spec:
@@ -143,13 +157,16 @@ def suggest(trial, name: str, spec: Spec) -> Any:
 @dataclass(frozen=True)
 class Layout:
     """A model's shape without its width: `convs[b]` 3x3 convs in block b, each block ended
-    by a transition (MaxPool2d(2), 1x1 conv) and a dropout, then the head."""
+    by a transition (MaxPool2d(2), 1x1 conv) and a dropout, then `tail` 3x3 convs, then the
+    head. The tail's channels grow once more, as if it began another block."""
 
     convs: tuple[int, ...]
     growth: float
     squeeze: float
     head: str
     dropout: float
+    tail: int = 0
+    padding: str | None = None  # "same" or "valid"; None keeps the params' own
 
     def layers(self, width: float) -> list[dict]:
         layers: list[dict] = []
@@ -159,11 +176,33 @@ class Layout:
             layers.append({"transition": max(1, round(self.squeeze * channels))})
             if self.dropout > 0:
                 layers.append({"dropout": self.dropout})
-        return layers
+        channels = max(1, round(width * self.growth ** len(self.convs)))
+        return layers + [{"conv": channels} for _ in range(self.tail)]
 
 
 def build_section(layout: Layout, width: float, model_base: dict) -> Model:
-    return Model.model_validate({**model_base, "head": layout.head, "layers": layout.layers(width)})
+    """The model section of `layout` at `width`; a ValueError (pydantic's ValidationError is
+    one) names the layer when unpadded convs shrink a map below their kernel."""
+    padding = {"padding": layout.padding} if layout.padding else {}
+    return Model.model_validate({**model_base, **padding, "head": layout.head,
+                                 "layers": layout.layers(width)})
+
+
+def unbuildable(layout: Layout, model_base: dict) -> str | None:
+    """Why `layout` cannot be built at any width (its shapes do not depend on the width), in
+    one line, or None when it can."""
+    try:
+        build_section(layout, MIN_WIDTH, model_base)
+    except ValueError as err:
+        return error_line(err)
+    return None
+
+
+def error_line(err: ValueError) -> str:
+    """The message of a ValueError or of pydantic's first validation error, on one line."""
+    errors = getattr(err, "errors", None)
+    message = errors()[0]["msg"] if callable(errors) else str(err)
+    return message.removeprefix("Value error, ")
 
 
 def widest(layout: Layout, budget: int, model_base: dict) -> float | None:
@@ -190,7 +229,8 @@ def widest(layout: Layout, budget: int, model_base: dict) -> float | None:
 
 def fit(layout: Layout, budget: int, model_base: dict, exact: bool) -> Model | None:
     """The model a trial of `layout` trains: the widest within the budget or, with `exact`,
-    the widest (or a little narrower) whose count a small move makes exactly `budget`."""
+    the widest (or a little narrower) whose count a small move makes exactly `budget`. A
+    layout that cannot be built at all (see `unbuildable`) is the caller's to rule out."""
     width = widest(layout, budget, model_base)
     if width is None:
         return None
@@ -230,14 +270,18 @@ def smallest_model(space: dict[str, Spec], model_base: dict) -> tuple[int, Layou
     layout is fixed: every trial trains `model_base`)."""
     if space["layout"] == "fixed":
         return Model.model_validate(model_base).parameter_count(), None
+    tail = min(choices(space["tail_convs"])) if "tail_convs" in space else 0
+    paddings = choices(space["padding"]) if "padding" in space else [None]
     layouts = [Layout((min(choices(space["convs_per_block"])),) * blocks,
-                      min(choices(space["growth"])), min(choices(space["squeeze"])), head, 0.0)
-               for blocks in choices(space["blocks"]) for head in choices(space["head"])]
-    counted = []
-    for layout in layouts:
-        try:
-            counted.append((build_section(layout, MIN_WIDTH, model_base).parameter_count(), layout))
-        except ValueError as err:  # pydantic's ValidationError is one: a layout that cannot be built
-            raise SearchError(f"the space's layout {layout} cannot be built: "
-                              f"{str(err).splitlines()[-1].strip()}") from None
+                      min(choices(space["growth"])), min(choices(space["squeeze"])), head, 0.0,
+                      tail, padding)
+               for blocks in choices(space["blocks"]) for head in choices(space["head"])
+               for padding in paddings]
+    # Unpadded convs can shrink some layouts' maps below a kernel; such layouts are pruned
+    # when drawn, and a space is refused only when none of its smallest layouts builds.
+    why = {layout: unbuildable(layout, model_base) for layout in layouts}
+    counted = [(build_section(layout, MIN_WIDTH, model_base).parameter_count(), layout)
+               for layout in layouts if why[layout] is None]
+    if not counted:
+        raise SearchError(f"the space's layout {layouts[0]} cannot be built: {why[layouts[0]]}")
     return min(counted, key=lambda pair: pair[0])
