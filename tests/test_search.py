@@ -106,7 +106,7 @@ def test_the_report_reads_a_fixed_layout_from_the_model_and_lists_the_drawn_reci
         value=0.995, intermediate_values={15: 0.995},
         user_attrs={"params": base, "parameters": 14_500, "device": "cpu"}))
     row = table(found)[-1]
-    assert row == ("| 0 | complete | 2 + 1 + 1 | 17, 16, 30, 57 | momentum 0.85, nesterov false | "
+    assert row == ("| 0 | complete | 2 + 4 unpadded | 13, 16, 16, 20, 18, 24 | momentum 0.85, nesterov false | "
                    "14,500 | 1 | 99.50% |")
 
 
