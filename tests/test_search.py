@@ -200,14 +200,22 @@ def test_an_unpadded_layout_can_end_with_convs_after_its_last_transition():
         Layout((2, 2), 1.5, 0.5, "gap", 0.05, tail=0, padding="same"), 8, MODEL_BASE)
 
 
-def test_the_smallest_model_of_the_unpadded_space_skips_layouts_that_cannot_be_built():
-    space = load_space("unpadded", REPO / "conf/search")
+UNPADDED = {"padding": "valid", "tail_convs": [2, 3, 4], "head": "gap"}
+
+
+def test_the_smallest_model_skips_unpadded_layouts_that_cannot_be_built(tmp_path):
+    # Three unpadded blocks leave a 1x1 map (28, 26, 13, 11, 5, 3, 1): no tail fits after them.
+    space = load_space("trial", write_space(tmp_path, **UNPADDED, blocks=[1, 3]))
+    assert "on a 1x1 feature map" in search_space.unbuildable(
+        Layout((1, 1, 1), 1.0, 0.4, "gap", 0.0, tail=2, padding="valid"), MODEL_BASE)
     least, layout = smallest_model(space, MODEL_BASE)
     assert (layout.convs, layout.tail, layout.padding) == ((1,), 2, "valid")
     assert least == search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE).parameter_count()
-    # Two blocks of two unpadded convs leave a 4x4 map: two more convs do not fit, at any width.
-    assert "on a 2x2 feature map" in search_space.unbuildable(
-        Layout((2, 2), 1.0, 1.0, "gap", 0.0, tail=2, padding="valid"), MODEL_BASE)
+    # The shipped unpadded space: one block, then a tail, every layout of it builds.
+    shipped = load_space("unpadded", REPO / "conf/search")
+    assert all(search_space.unbuildable(Layout((convs,), 2.0, 1.0, "gap", 0.0, tail, "valid"),
+                                        MODEL_BASE) is None
+               for convs in shipped["convs_per_block"] for tail in shipped["tail_convs"])
 
 
 def test_the_smallest_model_of_the_default_space():
@@ -248,7 +256,7 @@ def test_a_trial_whose_worker_died_is_failed_and_its_place_freed(tmp_path, monke
     assert run_.info.status == "FAILED" and run_.data.tags["trial_state"] == "fail"
 
 
-def run_one_untrainable_trial(tmp_path, monkeypatch, space_name: str, budget: int, drawn: dict):
+def run_one_untrainable_trial(tmp_path, monkeypatch, space: dict, budget: int, drawn: dict):
     """A worker's run of one enqueued trial that must never train: the trial and its MLflow run."""
     import stages.loop
 
@@ -260,10 +268,9 @@ def run_one_untrainable_trial(tmp_path, monkeypatch, space_name: str, budget: in
     client = mlflow.MlflowClient()
     experiment_id = client.create_experiment("e")
     parent_id = client.create_run(experiment_id).info.run_id
-    space = load_space(space_name, REPO / "conf/search")
     found = optuna.create_study(direction="maximize")
     found.enqueue_trial({**drawn, "lr": 0.1, "batch_size": 64, "degrees": 0.0, "translate": 0.0})
-    settings_ = search.Settings(budget, 2, space_name, 256, False, ())
+    settings_ = search.Settings(budget, 2, "trial", 256, False, ())
     worker = search.Worker(found, settings_, space, compose(conf=REPO / "conf"), 1, None,
                            torch.float32, client, experiment_id, parent_id)
     worker.run()
@@ -276,14 +283,17 @@ def run_one_untrainable_trial(tmp_path, monkeypatch, space_name: str, budget: in
 
 def test_a_layout_over_the_budget_is_counted_and_never_trained(tmp_path, monkeypatch):
     # Three blocks of three convs and an FC head: over 400 parameters even 2 channels wide.
-    trial, _ = run_one_untrainable_trial(tmp_path, monkeypatch, "default", 400, {
+    space = load_space("default", REPO / "conf/search")
+    trial, _ = run_one_untrainable_trial(tmp_path, monkeypatch, space, 400, {
         "blocks": 3, "convs_1": 3, "convs_2": 3, "convs_3": 3, "growth": 2.0, "squeeze": 1.0,
         "head": "fc", "dropout": 0.0})
     assert trial.user_attrs["over_budget"]
 
 
 def test_an_unpadded_layout_that_cannot_be_built_is_pruned_naming_the_layer(tmp_path, monkeypatch):
-    trial, run_ = run_one_untrainable_trial(tmp_path, monkeypatch, "unpadded", 5_000, {
+    space = load_space("trial", write_space(tmp_path / "spaces", **UNPADDED, blocks=[1, 2],
+                                            convs_per_block=[1, 2]))
+    trial, run_ = run_one_untrainable_trial(tmp_path, monkeypatch, space, 5_000, {
         "blocks": 2, "convs_1": 2, "convs_2": 2, "tail_convs": 2, "growth": 1.0,
         "squeeze": 1.0, "dropout": 0.0})
     assert "on a 2x2 feature map: kernel 3 with padding 0 does not fit" in trial.user_attrs["unbuildable"]
