@@ -1,12 +1,17 @@
 """The README's results table and figure, generated from the DVC experiments (never typed).
 
     python -m benchmarks.results_table                # print the table
-    python -m benchmarks.results_table --readme       # also rewrite it in README.md
+    python -m benchmarks.results_table --readme       # also record it and rewrite README.md
     python -m benchmarks.results_table --default-only --readme   # just the default run's line
 
 Reads `dvc exp show --json -A`. Every experiment named `<preset>-s<seed>` (what
 `make iterations` / `make seeds` queue, tools/repeats.py) is one repeat of its preset; a
-name run twice counts once, its newest run. Per preset the table gives the final-epoch test
+name run twice counts once, its newest run. Each preset's group is summarised and, with
+`--readme`, recorded in reports/results.json (committed), where it replaces that preset's
+earlier group and leaves every other preset's as it was: groups run in different clones or
+on different machines (a GPU box, a CPU) add up to one table. A recorded group keeps a digest
+of the model and training params it ran with; when the preset has changed since, its row
+says so. Per preset the table gives the final-epoch test
 accuracy over the repeats (n, mean, sample standard deviation, min to max), the mean best
 epoch, and what the source README reports (conf/reported.yaml) or, for the presets `make
 search` writes, the accuracy its winner should reach (benchmarks/search_targets.yaml).
@@ -22,29 +27,33 @@ With fewer than two repeats there is no spread, so no verdict. A preset with few
 than `--repeats` is marked incomplete.
 
 The figure (reports/results.png): mean final accuracy with +-1 sd error bars against
-parameters, one point per preset, the reported figures drawn beside them.
+parameters, one point per preset, the reported figures drawn beside them, from the same
+groups as the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
 import statistics
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from benchmarks import readme
-from stages.files import write_atomic
+from stages.files import write_atomic, write_json
 
 REPORTED_FILE = Path("conf/reported.yaml")
 TARGETS_FILE = Path("benchmarks/search_targets.yaml")  # what the search's winners should reach
 FIGURE = Path("reports/results.png")
+LEDGER = Path("reports/results.json")  # every preset's latest recorded group
 REPEAT_NAME = re.compile(r"^(?P<preset>[\w.]+)-s(?P<seed>\d+)$")
 
 
@@ -143,13 +152,50 @@ def repeats_by_preset(found: dict[str, dict]) -> dict[str, list[Repeat]]:
 
 
 def summarize(runs: list[Repeat]) -> dict:
+    """One preset's group: what the table and the figure show of it."""
     finals = [run.final for run in runs]
     n = len(finals)
     sd = statistics.stdev(finals) if n > 1 else None
     return {"n": n, "mean": statistics.fmean(finals), "sd": sd,
             "sem": sd / math.sqrt(n) if sd is not None else None,
             "min": min(finals), "max": max(finals),
-            "best_epoch": statistics.fmean(run.best_epoch for run in runs)}
+            "best_epoch": statistics.fmean(run.best_epoch for run in runs),
+            "parameters": runs[0].parameters, "epochs": runs[0].epochs,
+            "devices": sorted({run.device for run in runs})}
+
+
+def preset_digest(preset: str) -> str:
+    """A digest of the model and training params `dvc exp run -S preset=NAME` trains with
+    (the random seed, which a group varies, is in `base`, not here)."""
+    from stages.params import compose
+
+    params = compose(preset)
+    recipe = json.dumps({"model": params["model"], "train": params["train"]}, sort_keys=True)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
+
+
+def load_ledger(path: Path = LEDGER) -> dict[str, dict]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record(ledger: dict[str, dict], groups: dict[str, list[Repeat]]) -> dict[str, dict]:
+    """`ledger` with each preset of `groups` replaced by its new group and digest."""
+    return {**ledger, **{preset: {**summarize(runs), "digest": preset_digest(preset)}
+                         for preset, runs in groups.items()}}
+
+
+def changed_since(ledger: dict[str, dict]) -> set[str]:
+    """The presets whose params differ from those their recorded group ran with (or that
+    are gone)."""
+    from stages.params import ParamsError
+
+    def current(preset: str) -> str | None:
+        try:
+            return preset_digest(preset)
+        except ParamsError:
+            return None
+
+    return {preset for preset, group in ledger.items() if group.get("digest") != current(preset)}
 
 
 def verdict(stats: dict, target: float, rounding: float = 0.0, is_target: bool = False) -> str:
@@ -171,52 +217,55 @@ def verdict(stats: dict, target: float, rounding: float = 0.0, is_target: bool =
     return f"short: {within}"
 
 
-def rows(groups: dict[str, list[Repeat]], claims: dict[str, dict], planned: int) -> list[str]:
+def rows(groups: dict[str, dict], claims: dict[str, dict], planned: int,
+         changed: set[str] = frozenset()) -> list[str]:
+    """The table: one row per claim, from each preset's group (`summarize`), if it has one."""
     lines = ["| preset | parameters | epochs | n | final test acc, mean +- sd | min to max | "
              "mean best epoch | reported or target (final) | verdict | device |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for preset, claim in claims.items():
-        runs = groups.get(preset, [])
+        stats = groups.get(preset)
         target = f"{claim['printed']} ({claim['source']})"
-        if not runs:
+        if not stats:
             lines.append(f"| {preset} | ({claim['parameters']:,}) | | 0 | not run | | | "
                          f"{target} | | |")
             continue
-        stats = summarize(runs)
         n = f"{stats['n']}" if stats["n"] >= planned else f"{stats['n']} of {planned} (incomplete)"
         spread = "" if stats["sd"] is None else f" +- {stats['sd'] * 100:.2f} pt"
-        devices = ", ".join(sorted({run.device for run in runs}))
+        stale = "; the preset has changed since these runs" if preset in changed else ""
         lines.append(
-            f"| {preset} | {runs[0].parameters:,} | {runs[0].epochs} | {n} | "
+            f"| {preset} | {stats['parameters']:,} | {stats['epochs']} | {n} | "
             f"{stats['mean']:.2%}{spread} | {stats['min']:.2%} to {stats['max']:.2%} | "
             f"{stats['best_epoch']:.1f} | {target} | "
-            f"{verdict(stats, claim['final'], claim['rounding'], bool(claim.get('target')))} | "
-            f"{devices} |")
+            f"{verdict(stats, claim['final'], claim['rounding'], bool(claim.get('target')))}{stale} | "
+            f"{', '.join(stats['devices'])} |")
     return lines
 
 
-def plot(groups: dict[str, list[Repeat]], claims: dict[str, dict], path: Path = FIGURE) -> None:
+def plot(groups: dict[str, dict], claims: dict[str, dict], path: Path = FIGURE) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    labelled: dict[tuple, int] = {}  # presets held to the same figure get stacked labels
     for preset, claim in claims.items():
         ax.scatter(claim["parameters"], claim["final"] * 100, zorder=2,
                    **({"marker": "+", "color": "tab:orange"} if claim.get("target") else
                       {"marker": "x", "color": "grey"}))
-        runs = groups.get(preset)
-        if runs:
-            stats = summarize(runs)
-            ax.errorbar(runs[0].parameters, stats["mean"] * 100, yerr=(stats["sd"] or 0) * 100,
+        stats = groups.get(preset)
+        if stats:
+            ax.errorbar(stats["parameters"], stats["mean"] * 100, yerr=(stats["sd"] or 0) * 100,
                         fmt="o", capsize=4, color="tab:blue", zorder=3)
             label = f"{preset} (n={stats['n']})"
         else:
             label = f"{preset} (not run)"
+        where = (claim["parameters"], claim["final"])
+        labelled[where] = labelled.get(where, -1) + 1
         ax.annotate(label, (claim["parameters"], claim["final"] * 100), fontsize=8,
-                    textcoords="offset points", xytext=(6, 4))
-    devices = sorted({run.device for runs in groups.values() for run in runs})
+                    textcoords="offset points", xytext=(6, 4 + 10 * labelled[where]))
+    devices = sorted({device for stats in groups.values() for device in stats["devices"]})
     ax.scatter([], [], marker="x", color="grey", label="reported by the source")
     if any(claim.get("target") for claim in claims.values()):
         ax.scatter([], [], marker="+", color="tab:orange", label="a search's target")
@@ -224,7 +273,7 @@ def plot(groups: dict[str, list[Repeat]], claims: dict[str, dict], path: Path = 
                 label="measured: mean +- sd of the final epoch")
     ax.set(xlabel="parameters", ylabel="test accuracy (%)",
            title="Measured and reported MNIST test accuracy"
-                 + (f"\n(measured on {', '.join(devices)})" if devices else ""))
+                 + (f"\n{textwrap.fill('measured on ' + ', '.join(devices), 80)}" if devices else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.tight_layout()
@@ -232,9 +281,13 @@ def plot(groups: dict[str, list[Repeat]], claims: dict[str, dict], path: Path = 
     plt.close(fig)
 
 
+def has_default_run() -> bool:
+    return Path("reports/train_metrics.json").exists()
+
+
 def default_run() -> list[str]:
     """The workspace's own run (what `make repro` on params.yaml produced)."""
-    if not Path("reports/train_metrics.json").exists():
+    if not has_default_run():
         return ["No default run in this workspace yet (`make repro` makes one)."]
     train = json.loads(Path("reports/train_metrics.json").read_text())
     final = json.loads(Path("reports/metrics.json").read_text())
@@ -268,18 +321,24 @@ def main() -> None:
     if args.default_only:
         default = default_run()
         print("\n".join(default))
+        if args.readme and not has_default_run():
+            sys.exit("results_table: no default run here to write (`make repro` makes one); "
+                     "README.md is left as it is")
         if args.readme:
             readme.update({"default": default})
         return
     command = [sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"]
     show = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
-    groups, held_to = repeats_by_preset(experiments(show)), claims()
-    table = rows(groups, held_to, args.repeats)
+    # This clone's groups on top of those recorded before (here or elsewhere).
+    groups, held_to = record(load_ledger(), repeats_by_preset(experiments(show))), claims()
+    table = rows(groups, held_to, args.repeats, changed_since(groups))
     plot(groups, held_to)
     default = default_run()
     print("\n".join(default + [""] + table + ["", f"figure: {FIGURE}"]))
     if args.readme:
-        readme.update({"results": table, "default": default})
+        write_json(LEDGER, groups)
+        # A clone without a default run of its own keeps the README's line as it is.
+        readme.update({"results": table, **({"default": default} if has_default_run() else {})})
 
 
 if __name__ == "__main__":

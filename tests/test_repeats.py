@@ -28,7 +28,16 @@ from conftest import REPO
 from mlflow import MlflowClient
 from test_pipeline import BIN, run, tiny_project
 
-from benchmarks.results_table import Repeat, printed_figure, rows, summarize, verdict
+from benchmarks.results_table import (
+    Repeat,
+    changed_since,
+    preset_digest,
+    printed_figure,
+    record,
+    rows,
+    summarize,
+    verdict,
+)
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
 from tools.repeats import (
     aggregate,
@@ -167,11 +176,33 @@ def test_table_marks_short_groups_incomplete_and_unrun_presets():
                      "printed": "99.6%", "rounding": 0.0005},
               "I1": {"source": "README 004", "parameters": 20_978, "final": 0.996,
                      "printed": "99.6%", "rounding": 0.0005}}
-    header, _, i3, i1 = rows({"I3": repeats(0.9950, 0.9960)}, claims, planned=3)
+    header, _, i3, i1 = rows({"I3": summarize(repeats(0.9950, 0.9960))}, claims, planned=3)
     cells = [cell.strip() for cell in i3.split("|")[1:-1]]
     assert cells[:6] == ["I3", "14,500", "15", "2 of 3 (incomplete)", "99.55% +- 0.07 pt",
                          "99.50% to 99.60%"]
     assert "not run" in i1 and header.startswith("| preset |")
+
+
+def test_recording_a_group_replaces_that_presets_group_only():
+    ledger = {"I1": {**summarize(repeats(0.9950, 0.9960)), "digest": "from another clone"},
+              "I3": summarize(repeats(0.9940, 0.9941))}
+    recorded = record(ledger, {"I3": repeats(0.9950, 0.9960, 0.9970)})
+    assert recorded["I1"] == ledger["I1"]  # run elsewhere, kept as it was
+    assert (recorded["I3"]["n"], recorded["I3"]["mean"]) == (3, pytest.approx(0.996, abs=1e-12))
+    assert recorded["I3"]["digest"] == preset_digest("I3")
+    assert json.loads(json.dumps(recorded)) == recorded  # what reports/results.json holds
+
+
+def test_a_row_says_when_its_preset_changed_since_the_runs():
+    ledger = record({}, {"I3": repeats(0.9950, 0.9960, 0.9970)})
+    ledger["I1"] = {**summarize(repeats(0.9950, 0.9960)), "digest": preset_digest("I3")}
+    ledger["gone"] = {**summarize(repeats(0.9950, 0.9960)), "digest": "no such preset now"}
+    assert changed_since(ledger) == {"I1", "gone"}
+    claims = {name: {"source": "README 004", "parameters": 14_500, "final": 0.996,
+                     "printed": "99.6%", "rounding": 0.0005} for name in ("I3", "I1")}
+    _, _, i3, i1 = rows(ledger, claims, planned=3, changed=changed_since(ledger))
+    assert "changed since" not in i3
+    assert "2 of 3 (incomplete)" in i1 and "the preset has changed since these runs" in i1
 
 
 # --- MLflow groups, by hand -------------------------------------------------------------------
