@@ -3,9 +3,9 @@ how a drawn layout becomes a model within the parameter budget.
 
 A space file gives every dimension as a range, a list of choices or one fixed value. A
 layout (blocks of 3x3 convs, each ended by a transition and a dropout, then optionally a
-few more 3x3 convs, then the head) has no width of its own: `fit` gives it the widest channels within the budget, or exactly the
-budget, so a trial never trains a model the budget does not allow. No torch here: counting
-is the shape walk of stages.params.
+few more 3x3 convs, then the head) has no width of its own: `fit` gives it the widest
+channels within the budget, or exactly the budget, so a trial never trains a model the
+budget does not allow. No torch here: counting is the shape walk of stages.params.
 """
 
 from __future__ import annotations
