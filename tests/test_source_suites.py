@@ -63,7 +63,9 @@ EXPECTED = {
     "readme003": (["dropout"], []),
     "search8000": (["dropout"], []),                                 # nn.Dropout, FC head
     "search5000": (["dropout"], []),                                 # nn.Dropout, FC head
-    "search14500_I3_recipe": (["dropout"], []),                      # I3's model
+    "search14500_I3_recipe": (["dropout"], []),                      # the I3 study's layout
+    "search8000_unpadded": (["dropout"], []),                        # nn.Dropout, GAP head
+    "search5000_unpadded": (["dropout"], []),
 }
 
 
