@@ -34,6 +34,7 @@ groups as the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -164,6 +165,7 @@ def summarize(runs: list[Repeat]) -> dict:
             "devices": sorted({run.device for run in runs})}
 
 
+@functools.cache  # record() and changed_since() ask for the same presets: compose each once
 def preset_digest(preset: str) -> str:
     """A digest of the model and training params `dvc exp run -S preset=NAME` trains with
     (the random seed, which a group varies, is in `base`, not here)."""
