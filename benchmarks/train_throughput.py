@@ -25,7 +25,7 @@ import resource
 import statistics
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -205,6 +205,25 @@ def project_way(params, device: torch.device, train: Split, steps: int,
     return result
 
 
+@contextmanager
+def denormals_kept():
+    """Denormal floats computed in full, not flushed to zero as stages.device.configure sets."""
+    torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(True)
+
+
+# CPU levers tried against the 2.5x target (`--attempts`), each a setting around one row:
+# the stage keeps none of them, and the table says what each one is worth.
+CPU_ATTEMPTS = {
+    # ATen's own im2col + GEMM convolutions and BatchNorm instead of oneDNN's kernels.
+    "project, fp32, oneDNN off": lambda: torch.backends.mkldnn.flags(enabled=False),
+    "project, fp32, denormals not flushed": denormals_kept,
+}
+
+
 def with_train(params, **changes):
     """`params` with some `train.*` values changed: one lever at a time."""
     return params.model_copy(update={"train": params.train.model_copy(update=changes)})
@@ -247,6 +266,8 @@ def main() -> None:
                         help="CPU: keep freed memory in the process, as the stages do "
                              "(stages.device.keep_freed_memory), or glibc's defaults; "
                              "process-wide, so it applies to every row")
+    parser.add_argument("--attempts", action="store_true",
+                        help="CPU: add a row for each lever of CPU_ATTEMPTS, kept or not")
     parser.add_argument("--readme", action="store_true",
                         help="also write the table into README.md's Performance section")
     args = parser.parse_args()
@@ -273,13 +294,20 @@ def main() -> None:
                          auto_dtype, False))
     variants.append(("project, fp32, no channels_last",
                      with_train(params, channels_last=False), torch.float32, False))
+    settings = {label: nullcontext for label, *_ in variants}
+    if args.attempts and device.type == "cpu":
+        for label, setting in CPU_ATTEMPTS.items():
+            variants.append((label, params, torch.float32, False))
+            settings[label] = setting
 
     rows: dict[str, list[dict]] = {"seeds' way (DataLoader)": []}
     rows.update({label: [] for label, *_ in variants})
     for round_ in range(args.rounds):
         rows["seeds' way (DataLoader)"].append(seeds_way(params, device, args.steps, args.workers))
         for label, variant, dtype, compiled in variants:
-            rows[label].append(project_way(variant, device, train, args.steps, dtype, compiled))
+            with settings[label]():
+                rows[label].append(project_way(variant, device, train, args.steps, dtype,
+                                               compiled))
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
     ceilings = {dtype: matmul_ceiling(device, dtype) for dtype in dict.fromkeys(
@@ -288,6 +316,7 @@ def main() -> None:
               **{label: dtype for label, _, dtype, _ in variants}}
     baseline = statistics.median(r["images_per_second"] for r in rows["seeds' way (DataLoader)"])
     options = (" --compile" if args.compile else "") + (
+        " --attempts" if args.attempts else "") + (
         f" --malloc {args.malloc}" if args.malloc != "keep" else "")
 
     lines = [
@@ -324,7 +353,8 @@ def main() -> None:
         # A CPU with AMX trains in bf16 (`precision: auto`): its figures get their own block.
         amx = device.type == "cpu" and cpu_has_fast_bf16()
         block = (f"bench-{device.type}" + ("-amx" if amx else "")
-                 + ("-malloc-default" if args.malloc == "default" else ""))
+                 + ("-malloc-default" if args.malloc == "default" else "")
+                 + ("-attempts" if args.attempts else ""))
         readme.update({block: lines})
 
 

@@ -89,6 +89,20 @@ def test_keeping_freed_memory_applies_on_linux_glibc():
     assert keep_freed_memory() is True
 
 
+def test_each_cpu_attempt_changes_its_setting_only_inside_its_row():
+    """The `--attempts` rows measure what they name, and leave the next row as the stage runs."""
+    if not torch.set_flush_denormal(True):  # as stages.device.configure sets it on the CPU
+        pytest.skip("this CPU cannot flush denormals")
+    smallest_normal = torch.finfo(torch.float32).tiny
+    with train_throughput.CPU_ATTEMPTS["project, fp32, denormals not flushed"]():
+        assert (torch.tensor([smallest_normal]) / 4).item() > 0
+    assert (torch.tensor([smallest_normal]) / 4).item() == 0
+    enabled = torch.backends.mkldnn.enabled
+    with train_throughput.CPU_ATTEMPTS["project, fp32, oneDNN off"]():
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled == enabled
+
+
 def test_step_profile_names_where_the_time_goes(tiny_mnist, default_params):
     raw = dict(default_params)
     raw["train"] = {**default_params["train"], "batch_size": 32}
