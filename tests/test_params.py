@@ -227,7 +227,7 @@ def presets(tmp_path_factory) -> dict[str, dict]:
 
 def test_presets_are_found():
     assert PRESETS == ["I0", "I1", "I2", "I3", "readme000", "readme001", "readme002", "readme003",
-                       "search14500_I3_recipe", "search5000", "search5000_unpadded",
+                       "search14500_I3_recipe", "search14500_unpadded", "search5000", "search5000_unpadded",
                        "search8000", "search8000_unpadded", "seed000", "seed001", "seed002", "seed003"]
 
 

@@ -66,6 +66,7 @@ EXPECTED = {
     "search14500_I3_recipe": (["dropout"], []),                      # the I3 study's layout
     "search8000_unpadded": (["dropout"], []),                        # nn.Dropout, GAP head
     "search5000_unpadded": (["dropout"], []),
+    "search14500_unpadded": (["dropout"], []),
 }
 
 
