@@ -12,6 +12,7 @@ padding, BatchNorm, ReLU) have defaults here, because they are part of the layer
 
 from __future__ import annotations
 
+import re
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal, Sequence, Union
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -30,6 +32,8 @@ from pydantic import (
 )
 
 from stages.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES, TRAIN_IMAGES
+
+TEST_IMAGES = 10_000  # in MNIST's test files
 
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path("conf")
@@ -45,8 +49,20 @@ class ParamsError(ValueError):
 
 class Section(BaseModel):
     # Frozen: a stage cannot change its own settings halfway. Forbid: a typo is an error.
-    # No inf/nan learning rates; ints must be ints (YAML `true` or `16.5` is not a channel count).
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # No inf/nan learning rates. Strict: a value has the type YAML gave it, never a converted
+    # one. A quoted "false" is a string, so not a boolean (lax parsing would read it as
+    # false, or `"yes"` as true); `true` is not a number of seconds, nor `1` a boolean, nor
+    # `16.5` a channel count. (A whole number is still a number: `timeout_s: 30`.)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
+
+
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# YAML gives lists; the frozen params keep tuples. Strict parsing takes only a tuple for a
+# tuple, so a list (and nothing else: not a set, whose order is random) becomes one first.
+FromList = BeforeValidator(_list_to_tuple)
 
 
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
@@ -62,7 +78,7 @@ class Base(Section):
 
 
 class Data(Section):
-    mirrors: tuple[str, ...]
+    mirrors: Annotated[tuple[str, ...], FromList]
     pypi_fallback: bool
     timeout_s: Annotated[float, Field(gt=0)]
     verify_md5: bool  # the training stages check MNIST's checksums before reading
@@ -160,7 +176,7 @@ class Model(Section):
     padding: Literal["same", "valid"]
     # After a conv: BatchNorm then ReLU (most seeds), or ReLU then BatchNorm (README 000's code).
     order: Literal["bn_relu", "relu_bn"]
-    layers: Annotated[tuple[Layer, ...], Field(min_length=1)]
+    layers: Annotated[tuple[Layer, ...], FromList, Field(min_length=1)]
 
     def conv_padding(self, layer: ConvLayer) -> int:
         if layer.padding is not None:
@@ -241,7 +257,7 @@ class Plateau(Section):
 class Augment(Section):
     degrees: Annotated[float, Field(ge=0, le=180)]
     translate: Annotated[float, Field(ge=0, le=1)]
-    scale: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+    scale: Annotated[tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]], FromList]
     shear: Annotated[float, Field(ge=0, lt=90)]
     interpolation: Literal["bilinear", "nearest"]
 
@@ -266,7 +282,7 @@ class Train(Section):
     lr: Annotated[float, Field(gt=0)]
     momentum: Annotated[float, Field(ge=0, lt=1)]
     nesterov: bool
-    betas: tuple[Probability, Probability]
+    betas: Annotated[tuple[Probability, Probability], FromList]
     eps: Annotated[float, Field(gt=0)]
     weight_decay: Annotated[float, Field(ge=0)]
     grad_clip: Annotated[float, Field(ge=0)]
@@ -330,21 +346,36 @@ class Params(Section):
         return self
 
 
-def training_memory_bytes(params: Params, train_images: int = TRAIN_IMAGES) -> int:
-    """A generous estimate of the memory one training run of `params` takes on its device.
+def batch_images(params: Params, train_images: int = TRAIN_IMAGES) -> tuple[int, int]:
+    """The most images one training batch and one scoring batch hold: never more than the
+    images there are (batch_size 100,000 over train.limit_train 2,048 trains in batches of
+    2,048). Scoring is of the validation split, or of train.limit_test test images."""
+    trained = train_images - params.train.validation
+    if params.train.limit_train:
+        trained = min(trained, params.train.limit_train)
+    scored = params.train.validation or min(params.train.limit_test or TEST_IMAGES, TEST_IMAGES)
+    return (min(params.train.batch_size, trained), min(params.evaluate.batch_size, scored))
+
+
+def training_memory_bytes(params: Params, train_images: int = TRAIN_IMAGES,
+                          batch: int | None = None) -> int:
+    """A generous estimate of the memory one training run of `params` takes on its device
+    (with `batch`: in batches of that many images, instead of the params' own).
 
     Weights, gradients and two optimiser buffers (4 copies of every parameter); every
     layer's output kept for the backward pass and its gradient (conv, BatchNorm and ReLU
-    each keep one map: 3 per conv, 1 per pool or dropout) for a batch; the training set and
-    one augmented epoch of it, as float32. It errs high: its job is to refuse a model that
-    cannot fit (hundreds of GB) before any work starts, not to plan to the megabyte.
+    each keep one map: 3 per conv, 1 per pool or dropout) for the larger of a training and
+    a scoring batch; the training set and one augmented epoch of it, as float32. It errs
+    high: its job is to refuse a model that cannot fit (hundreds of GB) before any work
+    starts, not to plan to the megabyte.
     """
     float_bytes = 4
     per_image = 0
     for shape in params.model.walk():
         maps = 3 if isinstance(shape.layer, ConvLayer) else 1
         per_image += maps * shape.channels * shape.size ** 2
-    batch = max(params.train.batch_size, params.evaluate.batch_size)
+    if batch is None:
+        batch = max(batch_images(params, train_images))
     images = train_images if not params.train.limit_train else min(params.train.limit_train, train_images)
     dataset = 2 * images * IMAGE_SIZE ** 2
     return float_bytes * (4 * params.model.parameter_count() + 2 * batch * per_image + dataset)
@@ -360,16 +391,45 @@ def parse_params(raw: Any) -> Params:
         raise ParamsError("\n".join(_explain(e) for e in err.errors())) from None
 
 
-def read_params_file(path: Path | str = PARAMS_FILE) -> Any:
-    """params.yaml as plain data, not yet checked."""
+def read_params_file(path: Path | str = PARAMS_FILE) -> dict:
+    """params.yaml as a plain mapping, its values not yet checked. A file that cannot be read
+    as one (missing, a directory, not UTF-8, not YAML, empty, a list) is a ParamsError of one
+    line: the path, what is wrong with it, and what it should be."""
     path = Path(path)
+    expected = f"a YAML mapping of the sections {', '.join(Params.model_fields)}"
     try:
-        with path.open() as file:  # an open file lets YAML errors name it
-            return yaml.safe_load(file)
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path} not found (run from the repository root)") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path} is a directory; expected a file holding {expected}") from None
+    except OSError as err:
+        raise ParamsError(f"{path} cannot be read ({err.strerror or err}); expected a "
+                          f"readable file holding {expected}") from None
+    except UnicodeDecodeError as err:
+        line = err.object[:err.start].count(b"\n") + 1
+        raise ParamsError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on "
+                          f"line {line}); expected {expected}, saved as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(raw, dict):
+        found = ("no values (it is empty, or only comments)" if raw is None
+                 else "a list" if isinstance(raw, list) else f"the single value {echo(raw)}")
+        raise ParamsError(f"{path} holds {found}; expected {expected}")
+    return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: the problem and where (its own text spans several
+    lines, with an excerpt of the file)."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem is None:
+        return " ".join(str(err).split())
+    where = err.problem_mark or err.context_mark
+    at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+    context = f"{err.context}: " if err.context else ""
+    return " ".join(f"{context}{err.problem}{at}".split())
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
@@ -437,6 +497,9 @@ _WORDING = {
     "model_type": "should be a mapping of keys",
     "literal_error": "should be one of {expected}",
     "int_type": "should be a whole number",
+    "float_type": "should be a number",
+    "bool_type": "should be a boolean (true or false)",
+    "string_type": "should be a string",
     "finite_number": "should be a finite number",
     "string_pattern_mismatch": "should be a plain name (letters, digits, '_', '.', '-'), "
                                "not a path",
@@ -467,10 +530,39 @@ def _explain(error: dict) -> str:
     template = _WORDING.get(error["type"])
     message = (template.format(**(error.get("ctx") or {})) if template
                else error["msg"].removeprefix("Value error, "))
+    if error["type"] in ("int_type", "float_type", "bool_type"):
+        message += _instead(error["type"], error["input"])
     if error["type"] == "value_error" and isinstance(error["input"], dict):
         # A whole-section check names its own key: model.layers.3 ..., train.batch_size ...
         return f"{key}.{message}" if error["loc"] else message
     return f"{key} = {echo(error['input'])}: {message}"
+
+
+def _instead(expected: str, value: Any) -> str:
+    """What a value of the wrong type is, and what to write where it only looks wrong: strict
+    parsing converts nothing, so a quoted `"0.1"` is a string and `true` is not a number."""
+    if isinstance(value, bool):
+        return ", not true/false"
+    if isinstance(value, (int, float)):
+        return ", not a number" if expected == "bool_type" else ""
+    if not isinstance(value, str):
+        return ""
+    text = value.strip()
+    meant: Any = None
+    if expected == "bool_type" and text.lower() in ("true", "false"):
+        meant = text.lower() == "true"
+    elif expected == "int_type" and re.fullmatch(r"[-+]?[0-9]+", text):
+        meant = int(text)
+    elif expected == "float_type":
+        try:
+            meant = float(text)
+        except ValueError:
+            pass
+    if meant is None or meant != meant or meant in (float("inf"), float("-inf")):
+        return ", not a string"
+    # As YAML writes it: PyYAML reads `1e-3` (no '.') as a string, and writes 0.001.
+    written = yaml.safe_dump(meant).split("\n")[0]
+    return f", not a string; write {written} without quotes"
 
 
 def _file_location(loc: tuple) -> list:

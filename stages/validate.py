@@ -9,7 +9,9 @@ line each, an unknown key or bad value, a preset that is not in conf/preset/, a 
 machine lacks, or a model too large for the device's memory; then nothing else runs.
 
 Its output, reports/plan.json, says what the next training will be: recipe, random seed,
-device, parameters and the memory estimate.
+device, parameters and the memory estimate. It is written (atomically) only after every check
+has passed; DVC keeps the last one in place while the stage runs (`persist` in dvc.yaml), so a
+refused value leaves the plan, and the working tree, as they were.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from stages.files import write_json
 from stages.params import (
     Params,
     ParamsError,
+    batch_images,
     check_preset,
     parse_params,
     read_params_file,
@@ -75,11 +78,17 @@ def check_fits(params: Params, available: int | None, where: str) -> None:
     needed = training_memory_bytes(params)
     if available is None or needed <= 0.9 * available:
         return
+    train_batch, score_batch = batch_images(params)
+    smaller = "train.batch_size" + (" or evaluate.batch_size" if score_batch > train_batch else "")
+    # What a batch adds, image by image: how many images fit beside the weights and data.
+    fixed = training_memory_bytes(params, batch=0)
+    fitting = int((0.9 * available - fixed) // (training_memory_bytes(params, batch=1) - fixed))
     raise ParamsError(
         f"model.layers: training this model needs about {needed / 2**30:,.1f} GiB "
-        f"({params.model.parameter_count():,} parameters, batches of {params.train.batch_size}), "
-        f"more than the {available / 2**30:,.1f} GiB of {where}; use fewer or narrower "
-        f"layers, less padding, or a smaller train.batch_size")
+        f"({params.model.parameter_count():,} parameters, batches of "
+        f"{max(train_batch, score_batch):,} images), more than the {available / 2**30:,.1f} GiB "
+        f"of {where}; use fewer or narrower layers, less padding, or a smaller {smaller}"
+        + (f" (batches of at most {fitting:,} images fit)" if fitting >= 1 else ""))
 
 
 def main() -> None:
@@ -89,7 +98,7 @@ def main() -> None:
         _, plan = check(read_params_file())
     except ParamsError as err:
         sys.exit(f"validate: error: {err}")
-    write_json(PLAN_FILE, plan)
+    write_json(PLAN_FILE, plan)  # only now: a refusal leaves the last plan as it was
     lap("checks")
     print(f"validate: params.yaml is valid: {plan['preset']}, {plan['parameters']:,} parameters, "
           f"{plan['epochs']} epochs on {plan['device']}")

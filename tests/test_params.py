@@ -13,6 +13,12 @@ composition), so these tests also pin that conf/ and params.yaml agree.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -314,12 +320,67 @@ def test_load_params_invalid_yaml(tmp_path):
     assert "line" in message  # PyYAML's position of the problem
 
 
+# A params file that cannot be read as a mapping of sections: how it is made, and the words
+# that say what is wrong with it (after the path; every message then says what is expected).
+BAD_FILES = {
+    "not UTF-8": (lambda path: path.write_bytes(b"base:\n  preset: caf\xe9\n"),
+                  "is not UTF-8 text (byte 0xe9 on line 2)"),
+    "a directory": (lambda path: path.mkdir(), "is a directory"),
+    "empty": (lambda path: path.write_text(""), "holds no values (it is empty, or only comments)"),
+    "only comments": (lambda path: path.write_text("# base:\n#   seed: 1\n"), "holds no values"),
+    "a list": (lambda path: path.write_text("- base\n- data\n"), "holds a list"),
+    "a single value": (lambda path: path.write_text("train\n"), "holds the single value 'train'"),
+}
+EXPECTED = "a YAML mapping of the sections base, data, model, train, evaluate"
+
+
 @pytest.mark.bad_input
-def test_load_params_empty_file(tmp_path):
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_load_params_of_a_file_that_is_no_mapping(tmp_path, kind):
+    make, problem = BAD_FILES[kind]
     path = tmp_path / "params.yaml"
-    path.write_text("")
-    with pytest.raises(ParamsError, match="params must be a mapping of sections, got NoneType"):
+    make(path)
+    with pytest.raises(ParamsError) as caught:
         load_params(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path} {problem}"), message
+    assert "; expected " in message and EXPECTED in message and "\n" not in message, message
+
+
+@pytest.mark.bad_input
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n\tlr: 0.1\n")  # a tab, which YAML does not indent with
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(caught.value) == (f"{path} is not valid YAML: while scanning for the next token: "
+                                 f"found character '\\t' that cannot start any token (line 2, "
+                                 f"column 1)")
+
+
+# Every stage reads params.yaml first; run as a command on a bad file, each ends with one line.
+STAGES = ["validate", "download", pytest.param("train", marks=pytest.mark.slow),
+          pytest.param("evaluate", marks=pytest.mark.slow)]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("kind", ["not UTF-8", "a directory", "empty"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_on_a_bad_params_file_ends_with_one_line(tmp_path, stage, kind):
+    for folder in ("stages", "conf"):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    make, problem = BAD_FILES[kind]
+    make(tmp_path / "params.yaml")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
+    result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"{stage}: error: params.yaml {problem}; expected a"), line
+    assert EXPECTED in line, line
+    # Nothing written: no MLflow store, no data, no reports.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["conf", "params.yaml", "stages"]
 
 
 # --- devices -------------------------------------------------------------------------------
@@ -405,3 +466,138 @@ def test_gap_head_parameter_count(default_params):
 def test_shape_walk_counts_what_torch_builds(presets, name):
     assert parse_params(presets[name]).model.parameter_count() == PRESET_PARAMS[name]
 
+
+
+# --- the memory estimate -------------------------------------------------------------------
+
+GiB = 2**30
+
+
+def _memory(raw: dict) -> int:
+    from stages.params import training_memory_bytes
+
+    return training_memory_bytes(parse_params(raw))
+
+
+def _changed(raw: dict, changes: dict) -> dict:
+    for dotted, value in changes.items():
+        raw = with_change(raw, dotted, value)
+    return raw
+
+
+@pytest.mark.parametrize(("changes", "batches"), [
+    ({"train.batch_size": 100_000, "train.limit_train": 2_048}, {"train.batch_size": 2_048}),
+    ({"train.batch_size": 100_000, "train.validation": 10_000}, {"train.batch_size": 50_000}),
+    ({"evaluate.batch_size": 100_000}, {"evaluate.batch_size": 10_000}),  # the test set
+    ({"evaluate.batch_size": 100_000, "train.limit_test": 512}, {"evaluate.batch_size": 512}),
+    ({"evaluate.batch_size": 100_000, "train.validation": 5_000}, {"evaluate.batch_size": 5_000}),
+], ids=["limit_train", "validation split", "test set", "limit_test", "scored on the split"])
+def test_a_batch_holds_no_more_images_than_there_are(default_params, changes, batches):
+    """A batch_size above the images there are gives one batch of all of them: the estimate is
+    that of a batch_size of exactly as many."""
+    raw = _changed(default_params, changes)
+    assert _memory(raw) == _memory(_changed(raw, batches))
+
+
+def test_a_large_batch_over_few_images_is_not_refused(default_params, monkeypatch):
+    """batch_size 100,000 over 2,048 images trains in batches of 2,048: about 1.9 GiB, not the
+    82 GiB of 100,000-image batches."""
+    from stages import validate
+
+    monkeypatch.setattr(validate, "host_memory_bytes", lambda: 8 * GiB)
+    raw = _changed(default_params, {"train.device": "cpu", "train.batch_size": 100_000,
+                                    "train.limit_train": 2_048})
+    _, plan = validate.check(raw)
+    assert 1_500 < plan["memory_estimate_mib"] < 2_500, plan
+
+
+@pytest.mark.bad_input
+def test_a_batch_over_the_memory_is_still_refused(default_params, monkeypatch):
+    """batch_size 100,000 over all 60,000 training images: 60,000 images of 110,152 floats,
+    kept twice (output and gradient), 49.6 GiB. Beside the weights and the data (359 MiB),
+    0.9 x 8 GiB holds batches of (7,730,941,132 - 376,655,648) // 881,216 = 8,345 images."""
+    from stages import validate
+
+    monkeypatch.setattr(validate, "host_memory_bytes", lambda: 8 * GiB)
+    raw = _changed(default_params, {"train.device": "cpu", "train.batch_size": 100_000})
+    with pytest.raises(ParamsError) as caught:
+        validate.check(raw)
+    assert str(caught.value) == (
+        "model.layers: training this model needs about 49.6 GiB (20,978 parameters, batches of "
+        "60,000 images), more than the 8.0 GiB of this machine's memory; use fewer or narrower "
+        "layers, less padding, or a smaller train.batch_size (batches of at most 8,345 images fit)")
+
+
+@pytest.mark.bad_input
+def test_a_scoring_batch_over_the_memory_names_evaluate_batch_size(default_params, monkeypatch):
+    from stages import validate
+
+    monkeypatch.setattr(validate, "host_memory_bytes", lambda: 8 * GiB)
+    raw = _changed(default_params, {"train.device": "cpu", "train.validation": 20_000,
+                                    "evaluate.batch_size": 100_000})
+    with pytest.raises(ParamsError) as caught:
+        validate.check(raw)
+    message = str(caught.value)
+    assert "batches of 20,000 images" in message, message
+    assert message.endswith("or a smaller train.batch_size or evaluate.batch_size (batches of "
+                            "at most 8,345 images fit)"), message
+
+
+# --- a refused `dvc repro` -----------------------------------------------------------------
+
+
+def _git_project(dest: Path) -> Path:
+    """The pipeline's definition, params and code in a fresh git repo (no data: the validate
+    stage needs none; downloads off, should a stage after it run)."""
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+    for folder in ("stages", "conf"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(mirrors=[], pypi_fallback=False)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def _run(project: Path, *cmd: str) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "DVC_")) and key != "PYTHONPATH"}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", DVC_NO_ANALYTICS="1")
+    return subprocess.run(list(cmd), cwd=project, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input
+@pytest.mark.parametrize("target", [["validate"], []], ids=["dvc repro validate", "dvc repro"])
+def test_a_refused_repro_leaves_the_working_tree_as_it_was(tmp_path, target):
+    project = _git_project(tmp_path / "project")
+    _run(project, "git", "init", "-q")
+    assert _run(project, "dvc", "repro", "validate").returncode == 0
+    _run(project, "git", "add", "-A")
+    _run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "validated")
+    plan = (project / "reports/plan.json").read_bytes()
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("\n  lr: 0.2\n", "\n  lr: 0\n"))
+
+    result = _run(project, "dvc", "repro", *target)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert "validate: error: train.lr = 0: Input should be greater than 0" in \
+        (result.stderr + result.stdout).splitlines(), result.stderr
+    status = _run(project, "git", "status", "--porcelain").stdout.splitlines()
+    assert status == [" M params.yaml"], status  # plan.json and dvc.lock as they were
+    assert (project / "reports/plan.json").read_bytes() == plan
+
+    # Once the value is fixed, the stage writes a new plan and DVC records it, as always.
+    params.write_text(params.read_text().replace("\n  lr: 0\n", "\n  lr: 0.1\n")
+                      .replace("\n  epochs: 10\n", "\n  epochs: 3\n"))
+    assert _run(project, "dvc", "repro", "validate").returncode == 0
+    assert json.loads((project / "reports/plan.json").read_text())["epochs"] == 3
+    status = _run(project, "git", "status", "--porcelain").stdout.splitlines()
+    assert sorted(status) == [" M dvc.lock", " M params.yaml", " M reports/plan.json"], status
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["validate"]
+    assert lock["params"]["params.yaml"]["train"]["epochs"] == 3
+    assert lock["outs"][0]["md5"] == hashlib.md5((project / "reports/plan.json").read_bytes()).hexdigest()
