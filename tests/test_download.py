@@ -6,6 +6,7 @@ the PyPI fallback is fed a small fake wheel.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -635,3 +636,128 @@ def test_a_temporary_copy_keeps_its_packed_copy_when_it_holds_the_same_files(
     download.main()
     assert {name: (copy / download.RAW_DIR / name).read_bytes() for name in files} == files
     assert (copy / download.ARCHIVE).stat().st_mtime_ns == before  # not packed again
+
+
+# --- a damaged packed copy (a corrupted `dvc pull`) is refetched, never a traceback ----------
+
+
+def _packed(synthetic: Synthetic, tmp_path: Path, **replace: bytes | None) -> bytes:
+    """The packed copy of the synthetic files as pack() writes it, with the files of `replace`
+    given other bytes (None: left out)."""
+    folder = tmp_path / "to-pack"
+    folder.mkdir()
+    files = {**synthetic.files, **replace}
+    names = [name for name, data in files.items() if data is not None]
+    for name in names:
+        (folder / name).write_bytes(files[name])
+    download.pack(folder, tmp_path / "packed.tar.gz", names)
+    data = (tmp_path / "packed.tar.gz").read_bytes()
+    shutil.rmtree(folder)
+    (tmp_path / "packed.tar.gz").unlink()
+    return data
+
+
+def _truncated(synthetic: Synthetic, tmp_path: Path) -> bytes:
+    whole = _packed(synthetic, tmp_path)
+    return whole[: len(whole) // 2]
+
+
+def _flipped(data: bytes, where: float) -> bytes:
+    """`data` with one byte changed: at that fraction of it, or that index when negative."""
+    index = int(len(data) * where) if where >= 0 else int(where)
+    changed = bytearray(data)
+    changed[index] ^= 0x01
+    return bytes(changed)
+
+
+DAMAGED_ARCHIVES: dict[str, Callable[[Synthetic, Path], bytes]] = {
+    "truncated": _truncated,
+    "one-byte-changed": lambda s, tmp: _flipped(_packed(s, tmp), 0.5),
+    # Its files intact: only gzip's CRC at the very end tells.
+    "crc-changed": lambda s, tmp: _flipped(_packed(s, tmp), -5),
+    "not-gzip": lambda s, tmp: b"this is no gzip file\n" * 10,
+    "gzip-not-tar": lambda s, tmp: gzip.compress(b"no tar inside\n" * 100),
+    "wrong-member": lambda s, tmp: _packed(s, tmp, **{LABELS_NAME: b"wrong labels"}),
+    "missing-member": lambda s, tmp: _packed(s, tmp, **{LABELS_NAME: None}),
+}
+
+
+def _run_stage(tmp_path: Path, synthetic: Synthetic, default_params: dict,
+               monkeypatch: pytest.MonkeyPatch, mirrors: list[str]) -> None:
+    """download.main() in tmp_path, as `dvc repro` runs it, checking the synthetic md5s."""
+    monkeypatch.chdir(tmp_path)
+    _write_params(tmp_path, default_params, mirrors=mirrors, pypi_fallback=False,
+                  timeout_s=TIMEOUT_S, verify_md5=True)
+    # main() checks MNIST's own md5s; these files have theirs.
+    monkeypatch.setattr(download, "download_mnist",
+                        functools.partial(download_mnist, expected_md5=synthetic.md5))
+    download.main()
+
+
+def _damage_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "packed copy is damaged" in line]
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("damage", DAMAGED_ARCHIVES.values(), ids=DAMAGED_ARCHIVES.keys())
+def test_a_damaged_packed_copy_is_refetched_and_packed_again(
+    synthetic: Synthetic, tmp_path: Path, default_params: dict, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], damage: Callable[[Synthetic, Path], bytes],
+) -> None:
+    archive = tmp_path / download.ARCHIVE
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(damage(synthetic, tmp_path))
+
+    _run_stage(tmp_path, synthetic, default_params, monkeypatch, [synthetic.mirror_url])
+
+    raw = tmp_path / download.RAW_DIR
+    assert {name: (raw / name).read_bytes() for name in synthetic.files} == synthetic.files
+    assert archive.read_bytes() == _packed(synthetic, tmp_path)  # packed again, whole
+    err = capsys.readouterr().err
+    [line] = _damage_lines(err)  # one line, not one failure per file
+    assert line.startswith(f"{download.ARCHIVE}: ") and "fetching the files" in line, err
+    assert str(download.ARCHIVE) not in "".join(_failure_lines(err)), err
+    assert _listing(raw) == sorted(synthetic.files)
+    assert _listing(archive.parent) == ["raw", "raw.tar.gz"]  # no temp file left over
+
+
+@pytest.mark.fault
+def test_a_damaged_packed_copy_beside_valid_files_is_packed_again(
+    synthetic: Synthetic, tmp_path: Path, default_params: dict, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`dvc pull` of a corrupted copy into a clone that has the files already: nothing is
+    fetched, and the copy DVC would record is packed again from the files."""
+    raw = tmp_path / download.RAW_DIR
+    raw.mkdir(parents=True)
+    for name, data in synthetic.files.items():
+        (raw / name).write_bytes(data)
+    archive = tmp_path / download.ARCHIVE
+    good = _packed(synthetic, tmp_path)
+    archive.write_bytes(good[: len(good) - 100])
+
+    _run_stage(tmp_path, synthetic, default_params, monkeypatch, mirrors=[])
+
+    assert archive.read_bytes() == good
+    [line] = _damage_lines(capsys.readouterr().err)
+    assert "truncated" in line and "packing it again" in line
+
+
+@pytest.mark.fault
+def test_a_damaged_packed_copy_and_no_other_source_is_one_error_line(
+    synthetic: Synthetic, tmp_path: Path, default_params: dict, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    archive = tmp_path / download.ARCHIVE
+    archive.parent.mkdir(parents=True)
+    truncated = DAMAGED_ARCHIVES["truncated"](synthetic, tmp_path)
+    archive.write_bytes(truncated)
+
+    with pytest.raises(SystemExit) as caught:
+        _run_stage(tmp_path, synthetic, default_params, monkeypatch, mirrors=[])
+
+    assert str(caught.value.code).startswith("download: error: could not get ")
+    assert len(_damage_lines(capsys.readouterr().err)) == 1
+    assert archive.read_bytes() == truncated  # left as it was: nothing better to put there
+    assert _listing(tmp_path / download.RAW_DIR) == []
+    assert _listing(archive.parent) == ["raw", "raw.tar.gz"]
