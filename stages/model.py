@@ -73,7 +73,9 @@ class PixelClassifier(nn.Module):
     """The trained network behind the input a user has: raw pixels, 0 to 255 (uint8 or float),
     N x 28 x 28 or N x 1 x 28 x 28, in; class probabilities, N x 10, out. The scaling and the
     normalisation that training applied happen inside, so a caller cannot forget them.
-    (This is the model logged to MLflow and served; models/model.pt keeps the bare network.)"""
+    (This is the network of the model logged to MLflow and served, exported as a graph; the
+    model around it, tools/serve.py, first refuses what is not a pixel and reads images
+    scaled to [0, 1]. models/model.pt keeps the bare network.)"""
 
     def __init__(self, network: nn.Module, mean: float, std: float):
         super().__init__()

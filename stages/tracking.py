@@ -315,6 +315,20 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+def end_if_running(run_id: str | None) -> str | None:
+    """Mark a run KILLED if it is still RUNNING (its process was stopped before it could end
+    the run, e.g. by a lost server); returns its id when it did."""
+    if not run_id:
+        return None
+    try:
+        if client().get_run(run_id).info.status != "RUNNING":
+            return None
+        client().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    except MlflowException:  # not in this store (deleted, or another server): nothing to end
+        return None
+    return run_id
+
+
 def log_params(run_id: str, params: Any) -> None:
     """A params object as the run's MLflow params, flattened ("train.lr": "0.2"), in batches
     of at most 100 (MLflow's limit per request)."""

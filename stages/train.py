@@ -36,6 +36,11 @@ METRIC_NAMES = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accu
                 "val_loss", "val_accuracy", "lr", "epoch_seconds")
 
 
+# What an interrupted run's last line tells the user to do.
+RESUME_HINT = ("rerun the same command with `-S train.resume=true` added (or set train.resume: "
+               "true for `dvc repro`) to continue the same MLflow run")
+
+
 def recipe(params: Params) -> dict:
     """What a checkpoint must match to be resumed: everything but the resume switch itself."""
     snapshot = params.model_dump(mode="json")
@@ -43,19 +48,27 @@ def recipe(params: Params) -> dict:
     return snapshot
 
 
-def load_resumable(params: Params) -> dict | None:
-    """The last checkpoint, if resuming is on and it was written by this same recipe."""
-    if not (params.train.resume and CHECKPOINT_FILE.exists()):
+def load_checkpoint(quiet: bool) -> dict | None:
+    """models/checkpoint.pt as the last finished epoch left it; None when there is none or it
+    cannot be read (said in one line unless `quiet`)."""
+    if not CHECKPOINT_FILE.exists():
         return None
     try:
-        state = torch.load(CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+        return torch.load(CHECKPOINT_FILE, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any unreadable file: say so, start afresh
-        print(f"train: {CHECKPOINT_FILE} is unreadable ({type(err).__name__}); starting afresh")
+        if not quiet:
+            print(f"train: {CHECKPOINT_FILE} is unreadable ({type(err).__name__}); starting afresh")
         return None
-    if state.get("recipe") != recipe(params):
+
+
+def load_resumable(params: Params, checkpoint: dict | None) -> dict | None:
+    """The checkpoint, if resuming is on and it was written by this same recipe."""
+    if not (params.train.resume and checkpoint is not None):
+        return None
+    if checkpoint.get("recipe") != recipe(params):
         print(f"train: {CHECKPOINT_FILE} is from another recipe; starting afresh")
         return None
-    return state
+    return checkpoint
 
 
 def main() -> None:
@@ -98,8 +111,14 @@ def resume_or_open(run: TrainingRun, experiment_id: str, device_name: str) -> st
     with the params; returns the MLflow run id."""
     params = run.params
     tags = tracking.run_tags(device_name, {"preset": params.base.preset})
-    resumed = load_resumable(params)
+    checkpoint = load_checkpoint(quiet=not params.train.resume)
+    resumed = load_resumable(params, checkpoint)
     if resumed is None:
+        if checkpoint is not None:  # its run will not be continued: it must not stay RUNNING
+            abandoned = tracking.end_if_running(checkpoint.get("mlflow_run_id"))
+            if abandoned:
+                print(f"train: MLflow run {abandoned} of {CHECKPOINT_FILE} was left RUNNING by "
+                      f"an interrupted run and is not resumed; marked KILLED")
         run_id = tracking.new_run(experiment_id, tags)
         tracking.log_params(run_id, params)
     else:
@@ -190,22 +209,33 @@ def save_model(model: nn.Module, params: Params, run_id: str) -> None:
 
 
 def log_model(network: nn.Module, params: Params, images: torch.Tensor) -> None:
-    """Log the model users call: raw 0-255 pixels in, class probabilities out (see
-    `PixelClassifier`), with a signature and an input example of two training digits as
-    pixels, N x 28 x 28 float32 (a batch of 1 would freeze the exported batch size at 1)."""
+    """Log the model users call: raw 0-255 pixels in, class probabilities out, with a signature
+    and an input example of two training digits as pixels, N x 28 x 28 float32 (a batch of 1
+    would freeze the exported batch size at 1). The network is `PixelClassifier`, exported as
+    a graph; the model around it (stages/served_model.py, logged as code) refuses what is not a
+    pixel with a message and reads images scaled to 0..1, which a graph cannot do."""
+    import tempfile
+    from pathlib import Path
+
     from mlflow.models import infer_signature
+
+    from stages import served_model
 
     network = network.to("cpu", memory_format=torch.contiguous_format).eval().float()
     model = PixelClassifier(network, params.train.normalize.mean, params.train.normalize.std)
     example = (images.detach().cpu().float().squeeze(1) * 255).round().contiguous().numpy()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
-    # validate_serving_input=False: MLflow would load the model it just wrote and predict the
-    # example again (about a second); tests/test_pipeline.py serves and predicts with it.
-    mlflow.pytorch.log_model(model, name="model", input_example=example,
-                             signature=infer_signature(example, output),
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                             validate_serving_input=False)
+    signature = infer_signature(example, output)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    with tempfile.TemporaryDirectory() as folder:
+        graph = Path(folder) / served_model.NETWORK
+        mlflow.pytorch.save_model(model, graph, input_example=example, signature=signature,
+                                  pip_requirements=requirements)
+        mlflow.pyfunc.log_model(name="model", python_model=served_model.__file__,
+                                artifacts={served_model.NETWORK: str(graph)},
+                                input_example=example,
+                                signature=signature, pip_requirements=requirements)
 
 
 def _format(key: str, value: float) -> str:
@@ -226,10 +256,10 @@ if __name__ == "__main__":
         # finished epoch is in the checkpoint. One line instead of a traceback. (Ctrl-C's
         # KeyboardInterrupt has no message; SIGTERM's names the signal.)
         sys.exit(f"train: {str(err) or 'interrupted by Ctrl-C'}; finished epochs are kept in "
-                 f"{CHECKPOINT_FILE} (`train.resume: true` continues from the last one)")
+                 f"{CHECKPOINT_FILE}: {RESUME_HINT}")
     except tracking.TrackingError as err:
         sys.exit(f"train: error: {err}; finished epochs are kept in {CHECKPOINT_FILE}: start "
-                 f"the server again and rerun with train.resume: true to continue the same run")
+                 f"the server again, then {RESUME_HINT}")
     except TrainingDiverged as err:
         # The run is FAILED in MLflow (tracking.run_status), no model was saved, and the
         # checkpoint holds the last epoch that finished with a finite loss.

@@ -405,3 +405,85 @@ def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
         model_dir = Path(mlflow.models.get_model_info(f"runs:/{run_id}/model")
                          .artifact_path.removeprefix("file://"))
         assert model_dir.is_relative_to(mlruns) and (model_dir / "MLmodel").is_file(), model_dir
+
+
+# --- 6. resume under `dvc exp run` -----------------------------------------------------------
+
+
+@pytest.mark.interruption
+def test_dvc_exp_run_resumes_the_interrupted_run_into_the_same_mlflow_run(tmp_path):
+    """The recovery the stage prints (the same command with -S train.resume=true) works under
+    `dvc exp run` too. Before each experiment DVC checks out every cached output of dvc.lock,
+    so a checkpoint in DVC's cache would be replaced by the committed run's (another recipe)
+    and the interrupted epochs trained again, in a new MLflow run, the old one left behind."""
+    from test_pipeline import run, tiny_project
+
+    project = tiny_project(tmp_path / "project")
+    dvc = str(BIN / "dvc")
+    run([dvc, "repro"], project)  # a committed baseline whose outputs DVC's cache holds
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
+    (baseline,) = mlflow_runs(project)
+
+    recipe = ["-S", "train.epochs=4"]
+    stderr = (tmp_path / "exp-stderr.log").open("w")
+    exp = subprocess.Popen([dvc, "exp", "run", *recipe], cwd=project, env=stage_env(),
+                           stdout=subprocess.PIPE, stderr=stderr, text=True,
+                           start_new_session=True)  # Ctrl-C reaches a terminal's whole group
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        for line in exp.stdout:
+            if line.startswith("train: epoch 2 ") or time.monotonic() > deadline:
+                break
+        os.killpg(exp.pid, signal.SIGINT)
+        exp.communicate(timeout=120)
+    finally:
+        if exp.poll() is None:
+            os.killpg(exp.pid, signal.SIGKILL)
+        stderr.close()
+    assert exp.returncode != 0, (tmp_path / "exp-stderr.log").read_text()
+    saved = torch.load(project / "models" / "checkpoint.pt", weights_only=True)
+    epochs_done = len(saved["history"])
+    assert 2 <= epochs_done < 4, epochs_done
+    interrupted = saved["mlflow_run_id"]
+    assert client(project).get_run(interrupted).info.status == "KILLED"
+
+    result = run([dvc, "exp", "run", *recipe, "-S", "train.resume=true"], project, timeout=600)
+
+    assert f"train: resuming after epoch {epochs_done} " in result.stdout, result.stdout
+    assert "starting afresh" not in result.stdout, result.stdout
+    runs = mlflow_runs(project)
+    assert [r.info.run_id for r in runs] == [baseline.info.run_id, interrupted]
+    assert runs[1].info.status == "FINISHED"
+    for metric in ("test_accuracy", "train_loss", "lr"):
+        assert steps(project, interrupted, metric) == [1, 2, 3, 4], metric
+    assert torch.load(project / "models" / "model.pt",
+                      weights_only=True)["mlflow_run_id"] == interrupted
+    # Out of DVC's cache, the checkpoint must not land in git instead: no experiment commits it.
+    refs = run(["git", "for-each-ref", "--format=%(objectname)", "refs/exps"], project).stdout.split()
+    assert refs
+    for ref in refs:
+        tree = run(["git", "ls-tree", "-r", "--name-only", ref], project).stdout.split()
+        assert "models/checkpoint.pt" not in tree and "models/model.pt" not in tree
+
+
+@pytest.mark.interruption
+def test_a_run_left_running_is_ended_when_its_checkpoint_is_not_resumed(tmp_path):
+    """A stage killed outright (SIGKILL, a lost machine) cannot end its MLflow run; the next
+    training in the project that does not resume it marks it KILLED, so no run stays RUNNING."""
+    project = make_project(tmp_path / "project", epochs=3)
+    training = Training(project, tmp_path)
+    training.wait_for("train: epoch 1 ")
+    training.proc.kill()
+    training.finish()
+    (killed,) = mlflow_runs(project)
+    assert killed.info.status == "RUNNING"  # nothing in the stage could run to end it
+
+    result = run_stage(project, "train")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"MLflow run {killed.info.run_id} of models/checkpoint.pt was left RUNNING" \
+        in result.stdout, result.stdout
+    statuses = {r.info.run_id: r.info.status for r in mlflow_runs(project)}
+    assert statuses.pop(killed.info.run_id) == "KILLED"
+    assert list(statuses.values()) == ["FINISHED"]

@@ -28,7 +28,8 @@ def test_pixels_in_probabilities_out_like_the_normalised_network():
 
 
 def test_scale_matters():
-    """[0, 1] pixels are not 0-255 pixels: the wrapper does not guess, it documents 0-255."""
+    """[0, 1] pixels are not 0-255 pixels to the network's wrapper: it does not guess. The
+    served model around it reads images scaled to [0, 1] (tests/test_serving.py)."""
     net = network()
     pixels = torch.randint(0, 256, (4, 28, 28)).float()
     with torch.no_grad():

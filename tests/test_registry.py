@@ -3,10 +3,15 @@ model with a better final test accuracy, and `models:/mnist-cnn@champion` loads 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 
 from stages.model import PixelClassifier
@@ -73,3 +78,61 @@ def test_a_run_without_test_accuracy_or_unknown_is_refused(experiment):
     with pytest.raises(PromoteError, match="'nope' is not in the tracking store"):
         promote(client, "nope")
     assert client.search_model_versions(f"name = '{REGISTERED_MODEL}'") == []
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("accuracy", [float("nan"), float("inf"), -0.01, 1.5, 99.5],
+                         ids=["NaN", "inf", "negative", "above 1", "a percentage"])
+def test_a_run_whose_accuracy_is_not_in_0_1_is_refused(experiment, accuracy):
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(experiment_id=experiment) as run:  # refused before its model is looked at
+        mlflow.log_metric("final_test_accuracy", accuracy)
+    with pytest.raises(PromoteError) as refused:
+        promote(client, run.info.run_id)
+    message = str(refused.value)
+    assert message.startswith(f"run {run.info.run_id} has final_test_accuracy "), message
+    assert message.endswith("an accuracy must be a finite number in [0, 1]"), message
+    assert "\n" not in message
+    assert client.search_model_versions(f"name = '{REGISTERED_MODEL}'") == []
+
+
+@pytest.mark.parametrize("incumbent", [float("nan"), None], ids=["NaN", "missing"])
+def test_a_champion_whose_accuracy_is_not_a_number_gives_way(experiment, incumbent):
+    """A champion made before runs with such accuracies were refused must not block every
+    later model (NaN compares false with everything)."""
+    client = mlflow.MlflowClient()
+    old = mlflow.register_model(f"runs:/{logged_run(experiment, incumbent, bias=1)}/model",
+                                REGISTERED_MODEL).version
+    client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, old)
+    result = promote(client, logged_run(experiment, 0.9700, bias=2))
+    assert result["promoted"], result
+    assert (f"test accuracy 97.00% replaces the champion (version {old}), whose "
+            f"final_test_accuracy is not a number in [0, 1] "
+            f"({'nan' if incumbent is not None else 'none'})") == result["reason"]
+    assert champion_class() == 2
+
+
+# --- `make promote` (python -m tools.promote) on a models/model.pt it did not write ----------
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("content", ["text", "no run id"])
+def test_promote_on_a_foreign_model_file_is_one_line(tmp_path, content):
+    (tmp_path / "models").mkdir()
+    model_file = tmp_path / "models" / "model.pt"
+    if content == "text":
+        model_file.write_text("not a model\n")
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, model_file)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONPATH=str(REPO),
+               MLFLOW_DISABLE_TELEMETRY="true")
+    mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()  # the store
+    result = subprocess.run([sys.executable, "-m", "tools.promote"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("promote: error: models/model.pt "), lines
+    assert ("is not a model file written by the train stage" if content == "text"
+            else 'names no MLflow run (no "mlflow_run_id")') in lines[0], lines

@@ -7,11 +7,15 @@ The model is registered as a new version of `mnist-cnn` in MLflow's model regist
 `champion` moves to it only when its final test accuracy beats the current champion's; a tie
 keeps the champion (the incumbent needs no second look). Either way one line says why.
 `models:/mnist-cnn@champion` then names the model to load or serve (`make serve`).
+
+An accuracy is a finite number in [0, 1]: a run with anything else (NaN, inf, a percentage)
+is refused, and a champion with anything else (or none) gives way to any valid challenger.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -37,7 +41,29 @@ def run_of_model_file(path: Path = MODEL_FILE) -> str:
 
     if not path.is_file():
         raise PromoteError(f"{path} does not exist: run `dvc repro` first, or pass --run RUN_ID")
-    return torch.load(path, map_location="cpu", weights_only=True)["mlflow_run_id"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - not a torch file, or one holding more than tensors
+        raise PromoteError(f"{path} is not a model file written by the train stage (torch.load: "
+                           f"{type(err).__name__}): run `dvc repro`, or pass --run RUN_ID") from None
+    run_id = state.get("mlflow_run_id") if isinstance(state, dict) else None
+    if not isinstance(run_id, str) or not run_id:
+        raise PromoteError(f"{path} names no MLflow run (no \"mlflow_run_id\"): it was not "
+                           f"written by the train stage; run `dvc repro`, or pass --run RUN_ID")
+    return run_id
+
+
+def first_line(err: BaseException) -> str:
+    """The exception's type and the first line of its message, short."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def is_accuracy(value: object) -> bool:
+    """A finite number in [0, 1]: NaN compares false with everything, so it must not reach a
+    comparison, and a champion of NaN would never be beaten."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 <= value <= 1)
 
 
 def promote(client, run_id: str) -> dict:
@@ -51,6 +77,9 @@ def promote(client, run_id: str) -> dict:
     if accuracy is None:
         raise PromoteError(f"run {run_id} has no {METRIC}: the evaluate stage did not finish "
                            f"for it, so there is nothing to compare")
+    if not is_accuracy(accuracy):
+        raise PromoteError(f"run {run_id} has {METRIC} {accuracy!r}: an accuracy must be a "
+                           f"finite number in [0, 1]")
     if run.info.status != "FINISHED":
         raise PromoteError(f"run {run_id} is {run.info.status}, not FINISHED")
     try:
@@ -63,12 +92,22 @@ def promote(client, run_id: str) -> dict:
 
     import mlflow
 
-    version = mlflow.register_model(f"runs:/{run_id}/model", REGISTERED_MODEL).version
+    try:
+        version = mlflow.register_model(f"runs:/{run_id}/model", REGISTERED_MODEL).version
+    except MlflowException as err:
+        raise PromoteError(f"run {run_id}'s model cannot be registered: "
+                           f"{first_line(err)}") from None
     if champion is None:
         client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version)
         return {"promoted": True, "version": version,
                 "reason": f"first {ALIAS}: test accuracy {accuracy:.2%}"}
-    best = client.get_run(champion.run_id).data.metrics.get(METRIC, float("-inf"))
+    best = champion_accuracy(client, champion.run_id)
+    if not is_accuracy(best):
+        client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version)
+        return {"promoted": True, "version": version,
+                "reason": f"test accuracy {accuracy:.2%} replaces the {ALIAS} (version "
+                          f"{champion.version}), whose {METRIC} is not a number in [0, 1] "
+                          f"({'none' if best is None else repr(best)})"}
     if accuracy > best:
         client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version)
         return {"promoted": True, "version": version,
@@ -77,6 +116,14 @@ def promote(client, run_id: str) -> dict:
     return {"promoted": False, "version": version,
             "reason": f"test accuracy {accuracy:.2%} does not beat the {ALIAS}'s {best:.2%} "
                       f"(version {champion.version} stays {ALIAS})"}
+
+
+def champion_accuracy(client, run_id: str) -> float | None:
+    """The champion's test accuracy as its run has it; None when the run or the metric is gone."""
+    try:
+        return client.get_run(run_id).data.metrics.get(METRIC)
+    except MlflowException:
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
