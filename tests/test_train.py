@@ -7,10 +7,13 @@ from itertools import islice
 import pytest
 import torch
 
-from stages.data import load_split
+from conftest import REPO
+from stages import loop
+from stages.data import load_split, steps_per_epoch
 from stages.loop import TrainingRun, make_optimizer, make_scheduler, time_to_accuracy
+from stages.mnist import TRAIN_IMAGES
 from stages.model import build_model
-from stages.params import parse_params
+from stages.params import compose, parse_params, preset_names
 
 
 def tiny_params(default_params: dict, **train) -> object:
@@ -74,3 +77,38 @@ def test_time_to_accuracy_counts_epochs_until_the_first_hit():
     assert time_to_accuracy(history, 0.994) == {
         "epoch_to_target": 2, "seconds_to_target": 5.0, "target_accuracy": 0.994}
     assert time_to_accuracy(history, 0.999)["seconds_to_target"] is None
+
+
+# --- quick runs: a short OneCycle warm-up clips the gradients ---------------------------------
+
+
+@pytest.mark.parametrize("validation", [0, 10_000], ids=["test set", "validation split"])
+@pytest.mark.parametrize("preset", preset_names(REPO / "conf" / "preset"))
+def test_no_full_recipe_is_clipped_as_a_quick_run(preset, validation):
+    """The quick-run rule leaves every preset's full recipe as it was written (and so its
+    published results), scored on the test set or beside a validation split."""
+    params = parse_params(compose(preset, [f"train.validation={validation}"], REPO / "conf"))
+    steps = steps_per_epoch(TRAIN_IMAGES - validation, params.train.batch_size)
+    assert loop.gradient_clip(params.train, steps) == params.train.grad_clip
+
+
+@pytest.mark.parametrize(("overrides", "clip"), [
+    (["train.epochs=1"], loop.QUICK_GRAD_CLIP),                     # I1: 70 warm-up steps
+    (["train.epochs=2", "train.limit_train=8192"], loop.QUICK_GRAD_CLIP),
+    (["train.epochs=1", "train.grad_clip=0.5"], 0.5),               # the user's own wins
+    (["train.epochs=1", "train.scheduler=step"], 0.0),              # no warm-up to shorten
+    ([], 0.0),                                                      # the default: 705 steps
+])
+def test_a_quick_onecycle_run_clips_its_gradients(overrides, clip):
+    params = parse_params(compose("default", overrides, REPO / "conf"))
+    images = params.train.limit_train or TRAIN_IMAGES
+    assert loop.gradient_clip(params.train, steps_per_epoch(images, params.train.batch_size)) == clip
+
+
+def test_the_training_step_clips_at_the_quick_run_norm(default_params, tiny_mnist, monkeypatch):
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(loop.nn.utils, "clip_grad_norm_",
+                        lambda parameters, max_norm: norms.append(max_norm) or clip(parameters, max_norm))
+    fit(tiny_params(default_params, epochs=1), tiny_mnist, epochs=1)
+    assert norms and set(norms) == {loop.QUICK_GRAD_CLIP}
