@@ -73,6 +73,39 @@ def test_bad_arguments_are_refused_before_anything_is_queued(tmp_path, args, mes
     assert not (tmp_path / "m.db").exists()  # not even the tracking store was opened
 
 
+def at_most_2_gib() -> None:
+    """In the child: a cap on its memory, so that a REPEATS it tried to honour ends in a
+    MemoryError within seconds rather than in swapping the whole machine."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "99999999999999999999", "I1"], "REPEATS='99999999999999999999': should be a whole "
+                                                  "number of at least 1 and at most 1000"),
+    (["--repeats", "1001", "I1"], "REPEATS='1001': should be a whole number of at least 1 and at most 1000"),
+    (["--jobs", "65", "I1"], "JOBS='65': should be a whole number of at least 1 and at most 64"),
+    (["--jobs", "9" * 5000, "I1"], "JOBS='999999999999999999999999999...9999999999999999999999999999': "
+                                   "should be a whole number of at least 1 and at most 64"),
+    (["--repeats", "\u00b2", "I1"], "REPEATS='\u00b2': should be a whole number"),  # '²'.isdigit()
+])
+def test_too_many_repeats_or_jobs_are_refused_before_any_work(tmp_path, args, message):
+    """A REPEATS of 10^20 once built its list of experiment names until memory ran out."""
+    # A tracking store that cannot open: were the values let through, the tool would stop
+    # there, before running a single experiment in the repo.
+    (tmp_path / "a-file").write_text("")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tools.repeats", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, preexec_fn=at_most_2_gib,
+                            env={"PATH": str(BIN), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/a-file/m.db"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"tools.repeats: error: {message}"), result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert time.monotonic() - started < 30
+
+
 @pytest.mark.bad_input
 def test_a_preset_git_does_not_know_is_refused_before_anything_is_queued(tmp_path, monkeypatch):
     """`make search` writes its winner as a new, untracked file; DVC's temporary copies leave

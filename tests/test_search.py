@@ -384,6 +384,61 @@ def test_bad_input_is_refused_before_any_trial(untouched_project, args, extra_en
     assert not (project / "search.db").exists() and not (project / "mlflow.db").exists()
 
 
+def tables(path: Path) -> set[str]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("storage", ["the tracking store", "a database with MLflow's tables"])
+def test_mlflows_own_database_is_refused_as_the_studys_storage(tmp_path, monkeypatch, storage):
+    """Optuna's tables in MLflow's database would share its alembic_version table (each
+    would read the other's schema version as its own): refused before anything is created
+    in it, and before any data is read, whether it is the tracking store this search logs
+    to (the same file, however spelled) or any other store (a team server's)."""
+    from stages import data
+
+    def went_on(*args, **kwargs):
+        raise AssertionError("the search went on past its storage check")
+
+    monkeypatch.setattr(data, "load_training_data", went_on)
+    monkeypatch.chdir(REPO)  # read only: the params, the space, the presets
+    tracking_db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tracking_db}")
+    if storage == "the tracking store":  # not created yet: the search would create it
+        url, expected = f"sqlite:///{tmp_path}/./mlflow.db", "the database of MLflow's tracking store"
+        server_db = None
+    else:
+        server_db = tmp_path / "server.db"
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{server_db}").search_experiments()
+        url, expected = f"sqlite:///{server_db}", "holds MLflow's tables (a tracking store's database)"
+        before = tables(server_db)
+    monkeypatch.setenv("SEARCH_STORAGE", url)
+    with pytest.raises(SystemExit) as stopped:
+        search.main(["--budget", "3000", "--epochs", "1", "--trials", "1", "--study", "refused",
+                     "--preset", "refused_storage"])
+    assert stopped.value.code == (f"tools.search: error: SEARCH_STORAGE={url}: {expected}; the "
+                                  f"study needs one of its own (unset, it is search.db at the repo "
+                                  f"root)")
+    assert not tracking_db.exists()
+    if server_db is not None:
+        assert tables(server_db) == before and "studies" not in before
+
+
+@pytest.mark.parametrize("first, second, same", [
+    ("sqlite:////a/mlflow.db", "sqlite:////a/./mlflow.db", True),
+    ("sqlite:////a/mlflow.db", "sqlite:////a/search.db", False),
+    ("postgresql://u:p@h:5432/db", "postgresql+psycopg://other@h:5432/db", True),  # user, driver
+    ("postgresql+psycopg://u@h/mlflow", "postgresql+psycopg://u@h/optuna", False),
+    ("postgresql+psycopg://u@/db?host=/run/pg", "postgresql+psycopg://u@/db?host=/tmp/pg", False),
+    ("sqlite:////a/mlflow.db", "http://127.0.0.1:5000", False),
+])
+def test_which_urls_name_one_database(first, second, same):
+    assert search.same_database(first, second) is same
+
+
 @pytest.mark.slow
 def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, monkeypatch, capsys):
     # The test files are not there at all while the study runs.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import REPO
 from test_pipeline import BIN, tiny_project
 
 from tools.mlflow_ui import free_port, wait_until_up
@@ -20,16 +21,16 @@ pytestmark = pytest.mark.slow
 
 
 def start_server(backend: str, artifacts: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """`make server`'s command on a free local port (or `port`); waits until it answers."""
+    """`make server`'s command (its checks, then `mlflow server`) on a free local port (or
+    `port`); waits until it answers."""
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
                MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # as `make server` runs it
     process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--serve-artifacts",
-         "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        [str(BIN / "python"), "-m", "tools.server", "--backend", backend, "--artifacts",
+         str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(url, process)
     return process, url
@@ -98,7 +99,10 @@ def test_dvc_exp_runs_land_on_the_server(server, tmp_path):
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
         assert model.metadata.signature is not None
     stored = [p.name for p in artifacts.rglob("*") if p.is_file()]
-    assert stored.count("MLmodel") == len(names) and stored.count("metrics.json") == len(names)
+    # One logged model per run, and inside it the exported network (stages/served_model.py).
+    models = [p for p in artifacts.rglob("MLmodel") if p.parent.name != "network"]
+    assert len(models) == len(names) and stored.count("metrics.json") == len(names)
+    assert all((model.parent / "artifacts" / "network" / "MLmodel").is_file() for model in models)
     assert not (project / "mlruns").exists()
 
 

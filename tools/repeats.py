@@ -33,8 +33,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages import tracking
-from stages.params import PRESETS_DIR, preset_names
+from stages.params import PRESETS_DIR, echo, preset_names
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
+
+
+# Each repeat is a whole training run (minutes on a CPU), and each job a `dvc exp run` with its
+# own copy of the repo and its own trainer: beyond these a typo is far likelier than a plan.
+MAX_REPEATS = 1000
+MAX_JOBS = 64
 
 
 def experiment_name(preset: str, seed: int) -> str:
@@ -52,11 +58,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="an override for every run (dvc exp run -S)")
     args = parser.parse_args(argv)
     # One line naming the bad value and what is allowed, before anything runs.
-    for option in ("repeats", "jobs"):
+    for option, most in (("repeats", MAX_REPEATS), ("jobs", MAX_JOBS)):
         value = getattr(args, option)
-        if not value.isdigit() or int(value) < 1:
-            parser.exit(2, f"tools.repeats: error: {option.upper()}={value!r}: should be a "
-                           f"whole number of at least 1\n")
+        # isascii: '²' is a digit to str.isdigit but not to int(); the length keeps int() quick.
+        if not (value.isascii() and value.isdigit() and len(value) < 10 and 1 <= int(value) <= most):
+            parser.exit(2, f"tools.repeats: error: {option.upper()}={echo(value)}: should be a "
+                           f"whole number of at least 1 and at most {most}\n")
         setattr(args, option, int(value))
     known = preset_names()
     unknown = [name for name in args.presets if name not in known]

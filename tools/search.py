@@ -503,6 +503,71 @@ def storage_url() -> str:
     return "postgresql+psycopg://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
 
 
+# Tables of MLflow's tracking store. Optuna must not put its own next to them: both keep their
+# schema's version in a table named alembic_version, so each would take the other's for its own.
+MLFLOW_TABLES = {"experiments", "runs", "metrics"}
+
+
+def same_database(first: str, second: str) -> bool:
+    """Whether two SQLAlchemy URLs name one database, whatever the driver or the spelling of
+    a sqlite path."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        a, b = make_url(first), make_url(second)
+    except (ArgumentError, ValueError):
+        return first == second
+    if a.get_backend_name() != b.get_backend_name():
+        return False
+    if a.get_backend_name() == "sqlite":
+        return bool(a.database and b.database) and Path(a.database).resolve() == Path(b.database).resolve()
+    return ((a.host, a.port, a.database, dict(a.query))
+            == (b.host, b.port, b.database, dict(b.query)))
+
+
+def storage_tables(url: str) -> set[str]:
+    """The tables the storage's database holds already, read without creating or writing
+    anything (a sqlite file that is not there yet holds none)."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    if url.startswith("sqlite:///"):
+        import sqlite3
+
+        path = Path(sqlalchemy.engine.make_url(url).database or "")
+        if not path.is_file():
+            return set()
+        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
+            return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    options = {} if url.startswith("sqlite") else {"connect_timeout": 10}
+    engine = sqlalchemy.create_engine(url, connect_args=options, poolclass=NullPool)
+    try:
+        return set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def check_storage(url: str) -> None:
+    """Refuse MLflow's own database as the study's storage, before anything is created in it:
+    the tracking store's URI, or any database that already holds MLflow's tables."""
+    if same_database(url, tracking.tracking_uri()):
+        raise SearchError(tracking.redact(f"SEARCH_STORAGE={url}: the database of MLflow's "
+                                          f"tracking store; the study needs one of its own "
+                                          f"(unset, it is search.db at the repo root)"))
+    try:
+        tables = storage_tables(url)
+    except Exception as err:  # noqa: BLE001 - any failure here means "no storage"
+        cause = getattr(err, "orig", None) or err  # the driver's message, not SQLAlchemy's
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise SearchError(tracking.redact(f"SEARCH_STORAGE={url}: cannot open the study's "
+                                          f"storage: {first}")) from None
+    if MLFLOW_TABLES <= tables:
+        raise SearchError(tracking.redact(f"SEARCH_STORAGE={url}: holds MLflow's tables (a "
+                                          f"tracking store's database); the study needs one of "
+                                          f"its own (unset, it is search.db at the repo root)"))
+
+
 def open_storage(url: str):
     """Optuna's storage at `url`, its tables created on first use. Workers that start together
     on a new database race to create the tables; the loser sees them exist and tries again."""
@@ -590,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               f"{args.space} can build ({least:,} parameters: {what}); use at "
                               f"least {least:,}")
         check_preset_is_ours(args.preset, args.study)
+        check_storage(storage_url())
     except (SearchError, ParamsError) as err:
         sys.exit(f"{PROG}: error: {err}")
     from stages.data import DataError, load_training_data
