@@ -19,7 +19,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui ui-screenshot server postgres promote serve predict iterations readmes seeds repeats search exps results bench bench-experiment bench-overheads profile recipes same-recipe plots params clean-venv
+.PHONY: setup repro test test-fast ui ui-screenshot server postgres promote serve predict iterations readmes seeds repeats search exps results bench bench-experiment bench-overheads profile recipes same-recipe plots params remote clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -57,10 +57,12 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5050
 SERVER_DIR ?= $(CURDIR)/server
 BACKEND ?= sqlite:///$(SERVER_DIR)/mlflow.db
+# tools/server.py checks BACKEND, the address and the database (seconds, one line each), then
+# runs `mlflow server --serve-artifacts` with these settings. Not echoed: BACKEND may hold a
+# password (the tool prints it hidden).
 server: setup  ## MLflow tracking server with proxied artifacts, on SERVER_HOST:SERVER_PORT
-	@mkdir -p "$(SERVER_DIR)/artifacts"
-	$(BIN)/mlflow server --backend-store-uri "$(BACKEND)" --serve-artifacts \
-		--artifacts-destination "$(SERVER_DIR)/artifacts" --host $(SERVER_HOST) --port $(SERVER_PORT) --workers 1
+	@$(BIN)/python -m tools.server --backend "$(BACKEND)" --host "$(SERVER_HOST)" \
+		--port "$(SERVER_PORT)" --artifacts "$(SERVER_DIR)/artifacts" --workers 1
 
 postgres: setup  ## a private PostgreSQL (PyPI pgserver, no root) in SERVER_DIR/postgres; prints BACKEND
 	$(BIN)/python -m tools.postgres "$(SERVER_DIR)/postgres"
@@ -72,8 +74,7 @@ promote: setup  ## register the model of models/model.pt (RUN=<run id> for anoth
 	$(BIN)/python -m tools.promote $(if $(RUN),--run "$(RUN)")
 
 serve: setup  ## serve MODEL (the champion) on 127.0.0.1:SERVE_PORT: POST /invocations
-	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
-		$(BIN)/mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+	$(BIN)/python -m tools.serve --model "$(MODEL)" --host 127.0.0.1 --port $(SERVE_PORT)
 
 predict: setup  ## classify digit images: make predict IMAGES="a.png b.jpg" [URL=http://...]
 	$(BIN)/python -m tools.predict $(if $(URL),--url "$(URL)") $(IMAGES)
@@ -109,12 +110,12 @@ SEARCH_ARGS = --budget "$(BUDGET)" --epochs "$(EPOCHS)" --trials "$(TRIALS)" --s
 search: setup  ## search BUDGET parameters, EPOCHS epochs, TRIALS trials (SPACE, STUDY, PRESET, EXACT=1)
 	$(BIN)/python -m tools.search $(SEARCH_ARGS)
 
-# `dvc exp show` lists every param and every dependency's hash (80 columns); this keeps the
-# recipe name and random seed, the params that differ between experiments, and the metrics.
-EXPS_ARGS ?= -A
-exps: setup  ## the experiments table, short: preset, seed, params that differ, metrics
-	$(BIN)/dvc exp show --only-changed --keep '^base\.' \
-		--drop 'Created|^(stages|conf|data|models|reports)/' $(EXPS_ARGS)
+# `dvc exp show` lists every param and every dependency's hash (30 columns, lines of ~2,000
+# characters); `make exps` shows one row per experiment of the current commit: preset, random
+# seed, the params set on top of the preset, test accuracy, parameters, training seconds.
+# FULL=1 is the whole `dvc exp show` (EXPS_ARGS passed to it, e.g. EXPS_ARGS=-A: all commits).
+exps: setup  ## the experiments of this commit, one short row each (FULL=1: dvc exp show)
+	$(if $(FULL),$(BIN)/dvc exp show $(EXPS_ARGS),$(BIN)/python -m tools.exps)
 
 results: setup  ## rewrite the README's results table and figure from `dvc exp show`
 	$(BIN)/python -m benchmarks.results_table --repeats "$(REPEATS)" --readme
@@ -146,6 +147,25 @@ same-recipe: setup  ## accuracy of the seeds' way vs this pipeline on the same r
 plots: setup  ## DVC plots as HTML that renders offline (vega inlined from the npm registry)
 	$(BIN)/python -m tools.offline_plots
 	dvc plots show
+
+# The DVC remote that `dvc push` and `dvc pull` use (a folder, s3://..., ...), as the default.
+# verify: DVC hashes every object it pulls and refuses one that does not match (without it, a
+# damaged object is checked out as it is). An existing remote of that name keeps its other
+# settings (credentials, endpoint); the same command twice changes nothing. LOCAL=1: for this
+# clone only (.dvc/config.local). NAME only from the command line: WSL exports NAME itself.
+REMOTE_NAME = $(if $(filter command line,$(origin NAME)),$(NAME),storage)
+REMOTE_LEVEL = $(if $(LOCAL), --local)
+remote: setup  ## set the default DVC remote, pulls verified: make remote URL=... [NAME=storage] [LOCAL=1]
+	@test -n "$(URL)" || { echo 'make remote: give URL=... (a folder, or s3://bucket/path with dvc-s3)'; exit 2; }
+	@if $(BIN)/dvc remote list | cut -d' ' -f1 | grep -qxF "$(REMOTE_NAME)"; then \
+		echo "dvc remote modify$(REMOTE_LEVEL) $(REMOTE_NAME) url $(URL)"; \
+		$(BIN)/dvc remote modify$(REMOTE_LEVEL) "$(REMOTE_NAME)" url "$(URL)"; \
+	else \
+		echo "dvc remote add$(REMOTE_LEVEL) $(REMOTE_NAME) $(URL)"; \
+		$(BIN)/dvc remote add$(REMOTE_LEVEL) "$(REMOTE_NAME)" "$(URL)"; \
+	fi
+	$(BIN)/dvc remote default$(REMOTE_LEVEL) "$(REMOTE_NAME)"
+	$(BIN)/dvc remote modify$(REMOTE_LEVEL) "$(REMOTE_NAME)" verify true
 
 params: setup  ## regenerate params.yaml from conf/ (dvc exp run does this itself)
 	$(BIN)/python -c "from pathlib import Path; from dvc.utils.hydra import compose_and_dump; \
