@@ -29,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks import readme
+from stages.executables import child_env
 from stages.timing import TIMELINE
 
 LOOP_PHASES = ("training loop (with each epoch's checkpoint and metrics)", "test pass")
@@ -37,14 +38,15 @@ LOOP_PHASES = ("training loop (with each epoch's checkpoint and metrics)", "test
 def run_experiment(preset: str, overrides: list[str], store: str, timeline: Path) -> float:
     """Wall seconds of one `dvc exp run --temp` of `preset`; its stages write `timeline`."""
     name = f"bench-{preset}"
-    env = {**os.environ, TIMELINE: str(timeline), "MLFLOW_TRACKING_URI": store}
+    # The stages' `python` (dvc.yaml) is this interpreter's, also outside `make`.
+    env = child_env({TIMELINE: str(timeline), "MLFLOW_TRACKING_URI": store})
     command = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-f", "-n", name,
                "-S", f"preset={preset}", *[arg for item in overrides for arg in ("-S", item)]]
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
     subprocess.run([sys.executable, "-m", "dvc", "exp", "remove", name], check=True,
-                   capture_output=True)
+                   capture_output=True, env=child_env())
     return seconds
 
 

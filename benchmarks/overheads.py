@@ -22,7 +22,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from benchmarks import readme
 from stages import tracking
+from stages.executables import bin_dir, child_env
 from stages.files import write_atomic, write_csv
 from stages.model import build_model
 from stages.params import load_params
@@ -98,16 +98,17 @@ def time_bookkeeping(epochs: int) -> dict[str, list[float]]:
 
 def time_noop_repro(repeats: int) -> list[float] | str:
     """Wall seconds of `dvc repro` when nothing changed, or why it was not timed."""
-    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
+    dvc = shutil.which("dvc", path=str(bin_dir())) or shutil.which("dvc")
     if dvc is None:
         return "not timed: no `dvc` executable found"
-    status = subprocess.run([dvc, "status", "--json"], capture_output=True, text=True)
+    env = child_env()  # a stage's `python` (dvc.yaml) is this interpreter's, also outside `make`
+    status = subprocess.run([dvc, "status", "--json"], capture_output=True, text=True, env=env)
     if status.returncode != 0 or json.loads(status.stdout or "{}"):
         return "not timed: `dvc status` reports changes; run `dvc repro` first"
     walls = []
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run([dvc, "repro"], check=True, capture_output=True)
+        subprocess.run([dvc, "repro"], check=True, capture_output=True, env=env)
         walls.append(time.perf_counter() - started)
     return walls
 

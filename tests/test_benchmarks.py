@@ -170,3 +170,40 @@ def test_stage_laps_are_written_only_when_asked(tmp_path, monkeypatch):
     first, second = (json.loads(line) for line in timeline.read_text().splitlines())
     assert (first["stage"], first["phase"], second["phase"]) == ("evaluate", "start-up and imports", "test pass")
     assert first["start"] == timing.IMPORTED and first["end"] == second["start"] <= second["end"]
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_an_experiment_starts_its_stages_python_from_this_environment_off_path(
+        tmp_path, monkeypatch):
+    """`.venv/bin/python -m benchmarks.experiment_time` outside `make`: with the environment's
+    bin/ not on PATH, the stages' `python` (dvc.yaml) is still this environment's."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from benchmarks import experiment_time
+    from stages.timing import TIMELINE
+
+    project = tmp_path / "project"
+    project.mkdir()
+    # One stage that writes down which python ran it, where the benchmark's timeline goes.
+    stage = ("python -c \"import os, sys; "
+             f"open(os.environ['{TIMELINE}'], 'w').write(sys.executable)\"")
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"which": {"cmd": stage}}}))
+    (project / "params.yaml").write_text("preset: I1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                    ["git", "add", "-A"], [*git, "commit", "-qm", "one stage"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    # A PATH with git and the system's tools, but not this environment's bin/.
+    monkeypatch.setenv("PATH", os.pathsep.join(
+        dict.fromkeys([os.path.dirname(shutil.which("git")), "/usr/bin", "/bin"])))
+    timeline = tmp_path / "which.txt"
+    seconds = experiment_time.run_experiment("I1", [], f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                             timeline)
+    assert seconds > 0
+    assert timeline.read_text() == sys.executable

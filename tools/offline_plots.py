@@ -16,6 +16,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from stages.executables import child_env
+
 # Majors match the vega-lite specs DVC writes; the minors are whatever npm serves.
 PACKAGES = {"vega@5": "vega.min.js", "vega-lite@5": "vega-lite.min.js",
             "vega-embed@6": "vega-embed.min.js"}
@@ -48,7 +50,7 @@ def main() -> None:
             "<style>table { border-spacing: 15px; }</style>\n</head>\n<body>\n{plot_divs}\n"
             "</body>\n</html>\n")
     subprocess.run(["dvc", "config", "--local", "plots.html_template",
-                    str(TEMPLATE.relative_to(".dvc"))], check=True)
+                    str(TEMPLATE.relative_to(".dvc"))], check=True, env=child_env())
     print(f"offline plots template: {TEMPLATE} (set as plots.html_template in .dvc/config.local)")
 
 

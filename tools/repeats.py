@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages import tracking
+from stages.executables import child_env
 from stages.params import PRESETS_DIR, echo, preset_names
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
 
@@ -185,7 +186,7 @@ def run_experiments(commands: dict[str, list[str]], jobs: int) -> list[str]:
                 name, command = pending.pop(0)
                 # Its own process group, so that a stop reaches the stage DVC runs as well
                 # (`dvc exp run` does not pass a SIGTERM on to it).
-                running[name] = subprocess.Popen(command, start_new_session=True)
+                running[name] = subprocess.Popen(command, start_new_session=True, env=child_env())
             time.sleep(0.5)
             for name, process in list(running.items()):
                 if process.poll() is not None:
