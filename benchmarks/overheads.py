@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="epochs of bookkeeping to time")
     parser.add_argument("--repeats", type=int, default=3, help="no-op `dvc repro` runs")
     parser.add_argument("--readme", action="store_true",
-                        help="also write the figures into README.md's Performance section")
+                        help="also write the figures into their block of docs/performance.md")
     args = parser.parse_args()
     if args.epochs < 1 or args.repeats < 1:
         parser.error(f"--epochs ({args.epochs}) and --repeats ({args.repeats}) must be >= 1")

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--steps", type=int, default=20, help="profiled training steps")
     parser.add_argument("--readme", action="store_true",
-                        help="also write the table into README.md's Performance section")
+                        help="also write the table into its block of docs/performance.md")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")

@@ -1,5 +1,5 @@
-"""Generated blocks of the documentation: every figure in README.md and docs/performance.md
-is written by the command that measured it, between `<!-- NAME:begin -->` and
+"""Generated blocks of the documentation: every figure in README.md and the docs/ pages is
+written by the command that measured it, between `<!-- NAME:begin -->` and
 `<!-- NAME:end -->` markers. `--readme` on a benchmark rewrites its block wherever it is."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 from stages.files import write_text
 
-DOCUMENTS = (Path("README.md"), Path("docs/performance.md"))
+DOCUMENTS = (Path("README.md"), Path("docs/performance.md"), Path("docs/search.md"),
+             Path("docs/results.md"))
 
 
 def _markers(block: str) -> tuple[str, str]:

@@ -68,7 +68,7 @@ def main() -> None:
                         help="overrides for every preset, as `dvc exp run -S` takes them, "
                              "e.g. train.cuda_graphs=false")
     parser.add_argument("--readme", action="store_true",
-                        help="also write the table into README.md's Performance section")
+                        help="also write the table into its block of docs/performance.md")
     args = parser.parse_args()
 
     # Every preset is composed and validated before any training starts.

@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="DataLoader workers for the seeds' way")
     parser.add_argument("--readme", action="store_true",
-                        help="also write the table into README.md's Performance section")
+                        help="also write the table into its block of docs/performance.md")
     args = parser.parse_args()
     if args.epochs < 0:
         parser.error(f"--epochs must be >= 0 (0: params.yaml's count), got {args.epochs}")

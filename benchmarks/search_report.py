@@ -4,8 +4,9 @@
 
 One row per trial, best first: its state, layout (convs per block), conv channels, the
 recipe settings it drew, parameters, the epochs it trained before it finished or was
-pruned, its last validation accuracy, and the device it ran on. `--readme` writes the table into README.md's block
-`search-<study>`. The storage is SEARCH_STORAGE or search.db, as for `make search`.
+pruned, its last validation accuracy, and the device it ran on. `--readme` writes the table
+into docs/search.md's block `search-<study>`. The storage is SEARCH_STORAGE or search.db, as
+for `make search`.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--study", required=True)
-    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--readme", action="store_true", help="write the table into docs/search.md")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument("--attempts", action="store_true",
                         help="CPU: add a row for each lever of CPU_ATTEMPTS, kept or not")
     parser.add_argument("--readme", action="store_true",
-                        help="also write the table into README.md's Performance section")
+                        help="also write the table into its block of docs/performance.md")
     args = parser.parse_args()
 
     params = load_params()

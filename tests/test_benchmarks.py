@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from benchmarks import (
     overheads,
@@ -207,3 +209,25 @@ def test_an_experiment_starts_its_stages_python_from_this_environment_off_path(
                                              timeline)
     assert seconds > 0
     assert timeline.read_text() == sys.executable
+
+
+def test_every_generated_block_lives_where_its_command_writes():
+    """Each `<!-- NAME:begin -->` block of the documentation stands once, paired, in a file
+    that `--readme` rewrites (benchmarks.readme.DOCUMENTS): a block moved to a page the
+    commands do not know would go stale without a word."""
+    import re
+
+    from benchmarks.readme import DOCUMENTS
+
+    markers = re.compile(r"<!-- ([\w.-]+):(begin|end) -->")
+    written = {REPO / path for path in DOCUMENTS}
+    seen: dict[str, Path] = {}
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        found = markers.findall(path.read_text())
+        begins = [name for name, side in found if side == "begin"]
+        assert begins == [name for name, side in found if side == "end"], path
+        for name in begins:
+            assert path in written, f"block {name} is in {path.name}, which no command rewrites"
+            assert name not in seen, f"block {name} is in both {seen[name].name} and {path.name}"
+            seen[name] = path
+    assert {"results", "default"} <= set(seen) and any(n.startswith("search-") for n in seen)
