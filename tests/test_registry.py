@@ -3,9 +3,12 @@ model with a better final test accuracy, and `models:/mnist-cnn@champion` loads 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -136,3 +139,154 @@ def test_promote_on_a_foreign_model_file_is_one_line(tmp_path, content):
     assert len(lines) == 1 and lines[0].startswith("promote: error: models/model.pt "), lines
     assert ("is not a model file written by the train stage" if content == "text"
             else 'names no MLflow run (no "mlflow_run_id")') in lines[0], lines
+
+
+# --- one version per run, and what each version says about itself ---------------------------
+
+
+def versions_of_run(run_id: str) -> list:
+    return mlflow.MlflowClient().search_model_versions(
+        f"name='{REGISTERED_MODEL}' and run_id='{run_id}'")
+
+
+def test_a_run_promoted_again_keeps_its_one_version(experiment):
+    """`make promote` run twice (from two clones) registered one run as several versions."""
+    client = mlflow.MlflowClient()
+    champion, loser = logged_run(experiment, 0.9900, bias=1), logged_run(experiment, 0.9800, bias=2)
+    assert str(promote(client, champion)["version"]) == "1"
+    first, again = promote(client, loser), promote(client, loser)
+    assert (str(first["version"]), str(again["version"])) == ("2", "2")
+    assert first["registered"] and not again["registered"] and not again["promoted"]
+
+    better = promote(client, logged_run(experiment, 0.9950, bias=3))  # another run in between
+    assert better["promoted"] and str(better["version"]) == "3"
+    third = promote(client, loser)
+    assert str(third["version"]) == "2" and not third["registered"]
+    assert "does not beat the champion's 99.50% (version 3 stays champion)" in third["reason"]
+    dethroned = promote(client, champion)  # no longer the champion: its version 1 is reused
+    assert str(dethroned["version"]) == "1" and not dethroned["registered"]
+    for run_id in (champion, loser):
+        assert len(versions_of_run(run_id)) == 1
+    assert len(client.search_model_versions(f"name='{REGISTERED_MODEL}'")) == 3
+    assert champion_class() == 3
+
+
+def test_a_run_with_several_versions_reuses_the_first(experiment):
+    """Versions an earlier promote left (1, 4 and 5 of one run) get no sixth; the first is
+    the run's version."""
+    client = mlflow.MlflowClient()
+    run_id = logged_run(experiment, 0.9700, bias=1)
+    for _ in range(2):
+        mlflow.register_model(f"runs:/{run_id}/model", REGISTERED_MODEL)
+    result = promote(client, run_id)
+    assert str(result["version"]) == "1" and not result["registered"] and result["promoted"]
+    assert len(versions_of_run(run_id)) == 2
+
+
+def test_two_promotes_of_one_run_at_once_leave_one_version(experiment, monkeypatch):
+    """Both find no version and both register: the later one gives its version up."""
+    client = mlflow.MlflowClient()
+    run_id = logged_run(experiment, 0.9700, bias=1)
+    register = mlflow.register_model
+
+    def other_clone_first(*args, **kwargs):
+        register(f"runs:/{run_id}/model", REGISTERED_MODEL)  # the other clone's promote
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "register_model", other_clone_first)
+    result = promote(client, run_id)
+    assert str(result["version"]) == "1" and result["promoted"]
+    assert [str(v.version) for v in versions_of_run(run_id)] == ["1"]
+    assert str(client.get_model_version_by_alias(REGISTERED_MODEL, ALIAS).version) == "1"
+
+
+def evaluated_run(tmp_path, experiment: str, accuracy: float, bias: float,
+                  mlflow_commit: str | None = None) -> str:
+    """A run as the train and evaluate stages leave it: the params, the tags, MNIST as the
+    dataset input, the test accuracy and the parameter report among the artifacts."""
+    from stages import tracking
+    from stages.evaluate import parameter_report, report_markdown
+    from stages.model import build_model
+    from stages.params import compose, parse_params
+
+    run_id = logged_run(experiment, accuracy, bias)
+    params = parse_params(compose("default"))
+    tracking.log_params(run_id, params)
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("stages:\n  download:\n    outs:\n    - path: data/MNIST/raw\n"
+                    "      md5: 0123456789abcdef0123456789abcdef.dir\n")
+    reports = tmp_path / "reports"
+    reports.mkdir(exist_ok=True)
+    report = parameter_report(build_model(params.model), params)
+    (reports / "model_report.json").write_text(json.dumps(report))
+    (reports / "model_report.md").write_text(report_markdown(report))
+    client = mlflow.MlflowClient()
+    if "mlflow.source.git.commit" in client.get_run(run_id).data.tags:  # pytest's own checkout
+        client.delete_tag(run_id, "mlflow.source.git.commit")
+    with mlflow.start_run(run_id=run_id):
+        mlflow.set_tags({"device": "cpu (2 threads)", "preset": params.base.preset,
+                         "git_commit": "a" * 40,
+                         **({"mlflow.source.git.commit": mlflow_commit} if mlflow_commit else {})})
+        tracking.log_dataset(Path("data/MNIST/raw"), verified=True, lock_file=lock)
+        for name in ("model_report.json", "model_report.md"):
+            mlflow.log_artifact(str(reports / name), artifact_path="reports")
+    return run_id
+
+
+def test_a_version_says_what_it_is(tmp_path, experiment):
+    client = mlflow.MlflowClient()
+    run_id = evaluated_run(tmp_path, experiment, 0.9954, bias=1, mlflow_commit="b" * 40)
+    version = client.get_model_version(REGISTERED_MODEL, promote(client, run_id)["version"])
+    run = client.get_run(run_id)
+    report = json.loads((tmp_path / "reports" / "model_report.json").read_text())
+    params = run.data.params
+    digest = hashlib.sha256(json.dumps(dict(sorted(params.items())),
+                                       separators=(",", ":")).encode()).hexdigest()[:16]
+    card = f"runs:/{run_id}/reports/model_report.md"
+    assert version.tags == {
+        "preset": params["base.preset"], "seed": params["base.seed"], "test_accuracy": "0.9954",
+        "parameters": str(report["total_params"]), "params_digest": digest,
+        "data_digest": "0123456789abcdef0123456789abcdef", "git_commit": "b" * 40,
+        "model_card": card, "promotion": "promoted: first champion: test accuracy 99.54%"}
+    assert version.description == (
+        f"Preset {params['base.preset']}, seed {params['base.seed']}: test accuracy 99.54%, "
+        f"{report['total_params']:,} parameters, trained on cpu (2 threads). Model card: {card}")
+    # The model card is the evaluate stage's report, as the run's artifacts hold it.
+    downloaded = Path(mlflow.artifacts.download_artifacts(card, dst_path=str(tmp_path / "card")))
+    assert downloaded.read_text() == (tmp_path / "reports" / "model_report.md").read_text()
+    assert "Total parameters:" in downloaded.read_text()
+
+    # Promoted again, the same run keeps the same tags: the digests are stable.
+    promote(client, logged_run(experiment, 0.9960, bias=2))
+    promote(client, run_id)
+    again = client.get_model_version(REGISTERED_MODEL, version.version)
+    assert {k: v for k, v in again.tags.items() if k != "promotion"} == {
+        k: v for k, v in version.tags.items() if k != "promotion"}
+
+
+def test_a_decision_not_to_promote_is_recorded_with_its_reason(tmp_path, experiment):
+    client = mlflow.MlflowClient()
+    champion = promote(client, evaluated_run(tmp_path, experiment, 0.9950, bias=1))["version"]
+    before = client.get_model_version(REGISTERED_MODEL, champion)
+    loser = evaluated_run(tmp_path, experiment, 0.9910, bias=2)  # the stages' git_commit only
+    version = client.get_model_version(REGISTERED_MODEL, promote(client, loser)["version"])
+    assert version.tags["promotion"] == ("not promoted: test accuracy 99.10% does not beat the "
+                                         f"champion's 99.50% (version {champion} stays champion)")
+    assert version.tags["git_commit"] == "a" * 40
+    assert version.tags["model_card"] == f"runs:/{loser}/reports/model_report.md"
+    after = client.get_model_version(REGISTERED_MODEL, champion)  # the champion's: untouched
+    assert (after.tags, after.description) == (before.tags, before.description)
+    assert after.tags["promotion"] == "promoted: first champion: test accuracy 99.50%"
+    assert str(client.get_model_version_by_alias(REGISTERED_MODEL, ALIAS).version) == champion
+
+
+def test_a_run_without_a_model_card_says_so(experiment):
+    """A run the evaluate stage logged no report for (made by hand, or an older one): no link
+    to a file that is not there, and nothing made up."""
+    client = mlflow.MlflowClient()
+    run_id = logged_run(experiment, 0.9800, bias=1)
+    version = client.get_model_version(REGISTERED_MODEL, promote(client, run_id)["version"])
+    assert "model_card" not in version.tags and "parameters" not in version.tags
+    assert version.tags["test_accuracy"] == "0.98"
+    assert version.description.endswith(
+        "No model card: the run has no reports/model_report.md among its artifacts.")

@@ -10,8 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -25,6 +23,7 @@ from torch import nn
 
 from stages.model import PixelClassifier
 from stages.params import Params
+from test_pipeline import post
 from tools.mlflow_ui import free_port, wait_until_up
 
 BIN = Path(sys.executable).parent
@@ -116,15 +115,6 @@ def test_predict_refuses_values_that_are_not_pixels(logged, value):
 
 
 # --- `make serve` (python -m tools.serve): the real scoring server ---------------------------
-
-
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
 
 
 def serve_env(uri: str) -> dict[str, str]:
