@@ -163,6 +163,30 @@ def test_a_bad_address_is_refused(tmp_path, variables, message):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("variables, message", [
+    ({"ALLOWED_HOSTS": "http://mlflow.team.example:5050"},
+     "ALLOWED_HOSTS='http://mlflow.team.example:5050': should be the names clients reach the "
+     "server by, comma-separated, each HOST or HOST:PORT"),
+    ({"ALLOWED_HOSTS": "a.example, b.example"}, "ALLOWED_HOSTS='a.example, b.example': should be"),
+    ({"CORS_ORIGINS": "notebooks.example"}, "CORS_ORIGINS='notebooks.example': should be the web "
+                                            "pages' origins allowed to call the server"),
+    ({"AUTH": "yes"}, "AUTH='yes': should be 1 (users and passwords) or 0"),
+    ({"AUTH": "1"}, "AUTH=1: set MLFLOW_AUTH_ADMIN_PASSWORD to the password of the admin user 'admin'"),
+    ({"AUTH": "1", "MLFLOW_AUTH_ADMIN_PASSWORD": "password1234"},
+     "MLFLOW_AUTH_ADMIN_PASSWORD is MLflow's old default password, known to all"),
+    ({"AUTH": "1", "MLFLOW_AUTH_ADMIN_PASSWORD": "short"},
+     "MLFLOW_AUTH_ADMIN_PASSWORD has 5 characters; MLflow needs 12 or more"),
+], ids=["scheme", "spaces", "cors", "auth-yes", "no-password", "old-default", "short"])
+def test_bad_team_settings_are_refused(tmp_path, variables, message):
+    """Host names, web origins and AUTH=1's admin password: one line each, nothing written."""
+    pytest.importorskip("flask_wtf")
+    result, took = make("server", tmp_path, BACKEND=f"sqlite:///{tmp_path}/mlflow.db",
+                        SERVER_PORT=str(free_port()), **variables)
+    assert message in one_line(result, "tools.server")
+    assert took < SECONDS and not (tmp_path / "server").exists()
+
+
 def test_good_settings_start_mlflows_server(tmp_path):
     """The checks pass on a new sqlite store, and the process becomes `mlflow server` with
     the proxied artifacts in SERVER_DIR/artifacts; a password in BACKEND is never printed."""
