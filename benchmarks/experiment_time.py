@@ -28,9 +28,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks import readme
 from stages.executables import child_env
 from stages.timing import TIMELINE
+from tools import doc_blocks
 
 LOOP_PHASES = ("training loop (with each epoch's checkpoint and metrics)", "test pass")
 
@@ -97,7 +97,7 @@ def main() -> None:
                               f"--preset {args.preset}{overrides}`, one run.")
     print("\n".join(lines))
     if args.readme:
-        readme.update({f"experiment-{resolve_device(params.train.device).type}": lines})
+        doc_blocks.update({f"experiment-{resolve_device(params.train.device).type}": lines})
 
 
 if __name__ == "__main__":

@@ -30,13 +30,13 @@ from unittest import mock
 import mlflow
 import torch
 
-from benchmarks import readme
 from stages import tracking
 from stages.executables import bin_dir, child_env
 from stages.files import write_atomic, write_csv
 from stages.model import build_model
 from stages.params import load_params
 from stages.train import METRIC_NAMES, TRAIN_METRICS_FILE
+from tools import doc_blocks
 
 # I3's steady epoch (train + test) on an H100: 0.28-0.30 s in `python -m
 # benchmarks.recipe_time --device cuda --presets I3` (README, Performance).
@@ -153,7 +153,7 @@ def main() -> None:
                      f"{len(repro)} runs (target: under 3 s).")
     print("\n".join(lines))
     if args.readme:
-        readme.update({"bench-overheads": lines})
+        doc_blocks.update({"bench-overheads": lines})
 
 
 if __name__ == "__main__":

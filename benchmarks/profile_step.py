@@ -16,12 +16,12 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import readme
-from benchmarks.train_throughput import fresh_training
+from benchmarks.common import fresh_training
 from stages.data import Split, load_split
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.loop import train_one_epoch, training_forward
 from stages.params import load_params
+from tools import doc_blocks
 
 # Operator-name fragments -> the kind of work they are; the first match wins.
 KINDS = [
@@ -102,7 +102,7 @@ def main() -> None:
         lines.append(f"| {kind} | {own / args.steps * 1e3:.1f} | {own / total:.0%} |")
     print("\n".join(lines))
     if args.readme:
-        readme.update({f"profile-{device.type}": lines})
+        doc_blocks.update({f"profile-{device.type}": lines})
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ import time
 
 import torch
 
-from benchmarks import readme
-from benchmarks.results_table import reported as reported_figures
-from benchmarks.train_throughput import sync
+from benchmarks.common import sync
 from stages.data import load_split
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.loop import TARGET_ACCURACY, TrainingRun, time_to_accuracy
 from stages.model import count_parameters
 from stages.params import Params, ParamsError, compose, parse_params
+from tools import doc_blocks
+from tools.results_table import reported as reported_figures
 
 def time_recipe(params: Params, device: torch.device, train, test) -> dict:
     """Train `params`' recipe once; its history, loop seconds and summary figures."""
@@ -73,11 +73,11 @@ def main() -> None:
 
     # Every preset is composed and validated before any training starts.
     try:
-        recipes = {name: parse_params(compose(name, overrides=args.set)) for name in args.presets}
+        presets = {name: parse_params(compose(name, overrides=args.set)) for name in args.presets}
     except ParamsError as err:
         raise SystemExit(f"benchmarks.recipe_time: error: {err}") from None
     device = resolve_device(args.device)
-    first = next(iter(recipes.values())).train  # process-wide settings: --set applies to all
+    first = next(iter(presets.values())).train  # process-wide settings: --set applies to all
     configure(device, first.cudnn_benchmark)
     train = load_split(train=True, limit=first.limit_train, device=device)
     test = load_split(train=False, limit=first.limit_test, device=device)
@@ -86,20 +86,20 @@ def main() -> None:
         f"Device: {describe(device)}, torch {torch.__version__}; "
         f"`python -m benchmarks.recipe_time --device {args.device} --presets "
         f"{' '.join(args.presets)}{' --set ' + ' '.join(args.set) if args.set else ''}`; "
-        f"random seed {', '.join(sorted({str(p.base.seed) for p in recipes.values()}))}, "
+        f"random seed {', '.join(sorted({str(p.base.seed) for p in presets.values()}))}, "
         "one run each",
         "",
         "| preset | parameters | epochs | batch | dtype | final test acc | best (epoch) | "
         "reported | training loop s | to 99.4% |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, params in recipes.items():
+    for name, params in presets.items():
         result = time_recipe(params, device, train, test)
         lines.append(row(name, params, result))
         print(lines[-1], flush=True)
     print("\n" + "\n".join(lines))
     if args.readme:
-        readme.update({f"recipes-{device.type}": lines})
+        doc_blocks.update({f"recipes-{device.type}": lines})
 
 
 if __name__ == "__main__":

@@ -3,14 +3,14 @@
     python -m benchmarks.same_recipe [--epochs 0] [--seeds 0] [--readme]
 
 Trains params.yaml's model and recipe (README 004's I1 by default, all its epochs; `--epochs`
-shortens it and OneCycle then spans the shorter run, which is no longer the seed's recipe:
+shortens it and OneCycle then spans the shorter run, which is no longer the source's recipe:
 a 3-epoch OneCycle to I1's peak rate of 0.2 can diverge) once per seed with each path of
 benchmarks/train_throughput.py:
 
-  seeds' way   torchvision MNIST, per-sample RandomAffine/ToTensor/Normalize, DataLoader,
-               fp32, NCHW
-  project      stages.loop.train_one_epoch as the train stage runs it (batched affine warps
-               on the device, channels_last, autocast per `train.precision`)
+  sources' way  torchvision MNIST, per-sample RandomAffine/ToTensor/Normalize, DataLoader,
+                fp32, NCHW
+  project       stages.loop.train_one_epoch as the train stage runs it (batched affine warps
+                on the device, channels_last, autocast per `train.precision`)
 
 and scores both final models with the same test-set evaluation. The noise yardstick is the
 binomial standard error of an accuracy measured on 10,000 test images.
@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks import readme
-from benchmarks.train_throughput import fork_safe, seeds_loader
+from benchmarks.common import fork_safe, sources_loader
 from stages.data import load_split, steps_per_epoch
 from stages.device import configure, describe, resolve_device, resolve_precision
 from stages.loop import (
@@ -42,12 +41,13 @@ from stages.loop import (
 )
 from stages.model import build_model
 from stages.params import load_params
+from tools import doc_blocks
 
-PATHS = ("seeds' way", "project")
+PATHS = ("sources' way", "project")
 
 
-def seeds_epoch(model: nn.Module, loader, optimizer, per_batch, recipe, device) -> None:
-    """One epoch of the seed notebooks' loop."""
+def sources_epoch(model: nn.Module, loader, optimizer, per_batch, recipe, device) -> None:
+    """One epoch of the loop the sources' notebooks run."""
     model.train()
     with fork_safe():
         batches = iter(loader)
@@ -67,7 +67,7 @@ def train_and_score(path: str, params, device, dtype, seed: int, train, test,
                     workers: int, root: Path | str = "data") -> tuple[float, float]:
     """(final test accuracy, training seconds) of one path trained with `seed`."""
     recipe = params.train
-    if path == "seeds' way":  # fp32, NCHW: what the notebooks run
+    if path == "sources' way":  # fp32, NCHW: what the notebooks run
         recipe = recipe.model_copy(update={"channels_last": False})
         dtype = torch.float32
     torch.manual_seed(seed)
@@ -75,8 +75,8 @@ def train_and_score(path: str, params, device, dtype, seed: int, train, test,
     model = build_model(params.model).to(device)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if path == "seeds' way":
-        loader = seeds_loader(params, device, workers, drop_last=False, root=root)
+    if path == "sources' way":
+        loader = sources_loader(params, device, workers, drop_last=False, root=root)
         steps = len(loader)
     else:
         steps = steps_per_epoch(len(train), recipe.batch_size)
@@ -86,8 +86,8 @@ def train_and_score(path: str, params, device, dtype, seed: int, train, test,
     started = time.perf_counter()
     forward = training_forward(model, train, recipe, dtype) if path == "project" else model
     for epoch in range(1, recipe.epochs + 1):
-        if path == "seeds' way":
-            seeds_epoch(model, loader, optimizer, per_batch, recipe, device)
+        if path == "sources' way":
+            sources_epoch(model, loader, optimizer, per_batch, recipe, device)
         else:
             train_one_epoch(model, train, optimizer, per_batch, recipe, generator, dtype, epoch,
                             forward)
@@ -106,7 +106,7 @@ def main() -> None:
                         help="epochs per training run (params.yaml's own count: 0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="DataLoader workers for the seeds' way")
+                        help="DataLoader workers for the sources' way")
     parser.add_argument("--readme", action="store_true",
                         help="also write the table into its block of docs/performance.md")
     args = parser.parse_args()
@@ -148,12 +148,13 @@ def main() -> None:
         accs = " | ".join(f"{a:.2%}" for a, _ in results[path])
         lines.append(f"| {path} | {accs} | {means[path]:.2%} | "
                      f"{statistics.mean(s for _, s in results[path]):.0f} |")
-    lines += ["", f"Project - seeds' way: {(means['project'] - means[PATHS[0]]) * 100:+.2f} pt; "
+    lines += ["", f"Project - sources' way: {(means['project'] - means[PATHS[0]]) * 100:+.2f} pt; "
                   f"one standard error of a 10,000-image test accuracy at this level: "
                   f"{stderr * 100:.2f} pt."]
     print("\n" + "\n".join(lines))
     if args.readme:
-        readme.update({"same-recipe" + ("" if device.type == "cpu" else f"-{device.type}"): lines})
+        block = "same-recipe" + ("" if device.type == "cpu" else f"-{device.type}")
+        doc_blocks.update({block: lines})
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
-"""Training throughput: the seeds' way against this project's train stage, on one device.
+"""Training throughput: the sources' way against this project's train stage, on one device.
 
     python -m benchmarks.train_throughput [--device auto] [--steps 40] [--rounds 3]
 
 Both paths train README 004's I1 (the default params.yaml model) with the same batch size,
 optimiser (SGD Nesterov + OneCycle) and augmentation (RandomAffine 10 deg, 5 %, 0.98-1.02):
 
-  seeds' way   torchvision MNIST + per-sample RandomAffine/ToTensor/Normalize in a
-               DataLoader with worker processes, NCHW fp32 (what the seed notebooks do)
-  project      stages.loop.train_one_epoch, exactly as the train stage calls it: data held
-               on the device, batched affine warps, channels_last, autocast per `precision`
+  sources' way  torchvision MNIST + per-sample RandomAffine/ToTensor/Normalize in a
+                DataLoader with worker processes, NCHW fp32 (what the sources' notebooks do)
+  project       stages.loop.train_one_epoch, exactly as the train stage calls it: data held
+                on the device, batched affine warps, channels_last, autocast per `precision`
 
 Paths run interleaved (A, B, A, B, ...) and the median is reported, because shared
 machines drift by 20 % between runs. The floor is the model's FLOPs per image (forward and
@@ -19,7 +19,6 @@ the same dtype: the epoch time a perfectly efficient implementation would need.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import resource
 import statistics
@@ -30,11 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision import datasets, transforms
 
-from benchmarks import readme
+from benchmarks.common import fork_safe, fresh_training, sources_loader, sync
 from stages.data import Split, load_split
 from stages.device import (
     configure,
@@ -47,21 +44,14 @@ from stages.device import (
 from stages.loop import (
     make_optimizer,
     make_scheduler,
-    start_training,
     train_one_epoch,
     training_forward,
 )
 from stages.model import build_model
 from stages.params import load_params
+from tools import doc_blocks
 
 EPOCH_IMAGES = 60_000
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 @contextmanager
@@ -107,42 +97,9 @@ def _rss_with_children() -> int:
     return total
 
 
-@contextmanager
-def fork_safe():
-    """Start DataLoader workers (they fork from this process) without the CUDA crash.
-
-    A forked worker inherits every object of this process, CUDA tensors included. If its
-    garbage collector frees one (a reference cycle left over from an earlier run), that
-    calls into CUDA, which cannot work after a fork, and the worker dies. So collect the
-    cycles first and hide what is left from the workers' collector while they start.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def seeds_loader(params, device: torch.device, workers: int, drop_last: bool = True,
-                 root: Path | str = "data") -> DataLoader:
-    """torchvision dataset + per-sample transforms + DataLoader, as the seed notebooks do."""
-    aug = params.train.augment
-    transform = transforms.Compose([
-        transforms.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate),
-                                scale=aug.scale, shear=aug.shear or None),
-        transforms.ToTensor(),
-        transforms.Normalize((params.train.normalize.mean,), (params.train.normalize.std,)),
-    ])
-    dataset = datasets.MNIST(root, train=True, download=False, transform=transform)
-    return DataLoader(dataset, batch_size=params.train.batch_size, shuffle=True,
-                      num_workers=workers, pin_memory=device.type == "cuda",
-                      persistent_workers=False, drop_last=drop_last)
-
-
-def seeds_way(params, device: torch.device, steps: int, workers: int) -> dict:
-    """The seeds' training loop on `steps` batches of `seeds_loader`."""
-    loader = seeds_loader(params, device, workers)
+def sources_way(params, device: torch.device, steps: int, workers: int) -> dict:
+    """The sources' training loop on `steps` batches of `sources_loader`."""
+    loader = sources_loader(params, device, workers)
     torch.manual_seed(0)
     model = build_model(params.model, inplace_relu=False).to(device)
     optimizer = make_optimizer(model, params.train)
@@ -163,18 +120,12 @@ def seeds_way(params, device: torch.device, steps: int, workers: int) -> dict:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss.item()  # the seeds' loop reads the loss every step for tqdm
+            loss.item()  # the sources' loop reads the loss every step for tqdm
         sync(device)
         seconds = time.perf_counter() - started
     del batches, loader
     result["images_per_second"] = steps * params.train.batch_size / seconds
     return result
-
-
-def fresh_training(params, device: torch.device, steps: int):
-    """(model, optimizer, scheduler, generator) built as the train stage builds them, seeded
-    with 0, the scheduler spanning `steps` plus warm-up."""
-    return start_training(params, device, steps + 5, seed=0)
 
 
 def project_way(params, device: torch.device, train: Split, steps: int,
@@ -259,7 +210,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed training steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each path")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="DataLoader workers for the seeds' way")
+                        help="DataLoader workers for the sources' way")
     parser.add_argument("--compile", action="store_true",
                         help="add a row: the project path on the torch.compile'd model")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
@@ -300,10 +251,10 @@ def main() -> None:
             variants.append((label, params, torch.float32, False))
             settings[label] = setting
 
-    rows: dict[str, list[dict]] = {"seeds' way (DataLoader)": []}
+    rows: dict[str, list[dict]] = {"sources' way (DataLoader)": []}
     rows.update({label: [] for label, *_ in variants})
     for round_ in range(args.rounds):
-        rows["seeds' way (DataLoader)"].append(seeds_way(params, device, args.steps, args.workers))
+        rows["sources' way (DataLoader)"].append(sources_way(params, device, args.steps, args.workers))
         for label, variant, dtype, compiled in variants:
             with settings[label]():
                 rows[label].append(project_way(variant, device, train, args.steps, dtype,
@@ -312,9 +263,9 @@ def main() -> None:
 
     ceilings = {dtype: matmul_ceiling(device, dtype) for dtype in dict.fromkeys(
         [torch.float32, *(dtype for _, _, dtype, _ in variants)])}
-    dtypes = {"seeds' way (DataLoader)": torch.float32,
+    dtypes = {"sources' way (DataLoader)": torch.float32,
               **{label: dtype for label, _, dtype, _ in variants}}
-    baseline = statistics.median(r["images_per_second"] for r in rows["seeds' way (DataLoader)"])
+    baseline = statistics.median(r["images_per_second"] for r in rows["sources' way (DataLoader)"])
     options = (" --compile" if args.compile else "") + (
         " --attempts" if args.attempts else "") + (
         f" --malloc {args.malloc}" if args.malloc != "keep" else "")
@@ -328,7 +279,7 @@ def main() -> None:
         f"--steps {args.steps} --rounds {args.rounds}{options}`"
         + ("; glibc malloc at its defaults" if args.malloc == "default" else ""),
         "",
-        "| path | dtype | images/s | epoch s | vs seeds' way | floor epoch s | x floor | peak MiB |",
+        "| path | dtype | images/s | epoch s | vs sources' way | floor epoch s | x floor | peak MiB |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, results in rows.items():
@@ -355,7 +306,7 @@ def main() -> None:
         block = (f"bench-{device.type}" + ("-amx" if amx else "")
                  + ("-malloc-default" if args.malloc == "default" else "")
                  + ("-attempts" if args.attempts else ""))
-        readme.update({block: lines})
+        doc_blocks.update({block: lines})
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Repeat recipes with several random seeds: DVC experiments, grouped in MLflow.
+"""Repeat presets with several random seeds: DVC experiments, grouped in MLflow.
 
     python -m tools.repeats --repeats 3 I1 I2 I3        (`make iterations REPEATS=3`)
     python -m tools.repeats --repeats 2 --set train.epochs=1 I1 I3    (a smoke run)
 
 One accuracy figure from one random seed is an anecdote: on a 10,000-image test set two runs
-of the same recipe differ by a tenth of a point. For every preset this runs one DVC
+of the same preset differ by a tenth of a point. For every preset this runs one DVC
 experiment per random seed 0..N-1, named `<preset>-s<seed>` (`dvc exp run --temp -f -n
 I3-s0 -S preset=I3 -S base.seed=0`), `--jobs` at a time, each in its own temporary copy of
 the repo, and groups the runs in MLflow: one parent run per preset, named after it, whose
@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from stages import tracking
 from stages.executables import child_env
 from stages.params import PRESETS_DIR, echo, preset_names
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
+from tools.repeat_stats import group_stats
 
 
 # Each repeat is a whole training run (minutes on a CPU), and each job a `dvc exp run` with its
@@ -141,15 +141,18 @@ def reopen_group(client, experiment_id: str, preset: str, members: list[str]) ->
 
 
 def aggregate(accuracies: Sequence[float]) -> dict[str, float]:
-    """n, mean, sample standard deviation (0 for one run), min and max."""
-    n = len(accuracies)
+    """n, mean, sample standard deviation (0 for one run: an MLflow metric is a number), min
+    and max, as the results table computes them (tools.repeat_stats)."""
+    if not accuracies:
+        return {"n_runs": 0}
+    stats = group_stats(accuracies)
     return {
-        "n_runs": n,
-        "final_test_accuracy_mean": statistics.fmean(accuracies),
-        "final_test_accuracy_std": statistics.stdev(accuracies) if n > 1 else 0.0,
-        "final_test_accuracy_min": min(accuracies),
-        "final_test_accuracy_max": max(accuracies),
-    } if n else {"n_runs": 0}
+        "n_runs": stats["n"],
+        "final_test_accuracy_mean": stats["mean"],
+        "final_test_accuracy_std": stats["sd"] if stats["sd"] is not None else 0.0,
+        "final_test_accuracy_min": stats["min"],
+        "final_test_accuracy_max": stats["max"],
+    }
 
 
 def close_group(client, experiment_id: str, parent_id: str) -> dict:

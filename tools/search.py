@@ -238,7 +238,7 @@ class Worker:
             final = self.train_trial(trial, run_id)
         except optuna.TrialPruned as why:
             self.end_trial(trial, run_id, State.PRUNED, str(why))
-        except TrainingDiverged as err:  # a bad recipe, which the sampler should learn from
+        except TrainingDiverged as err:  # a bad draw, which the sampler should learn from
             trial.set_user_attr("diverged", str(err))
             self.end_trial(trial, run_id, State.PRUNED, f"diverged ({err})")
         except KeyboardInterrupt:

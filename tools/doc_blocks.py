@@ -1,6 +1,7 @@
 """Generated blocks of the documentation: every figure in README.md and the docs/ pages is
 written by the command that measured it, between `<!-- NAME:begin -->` and
-`<!-- NAME:end -->` markers. `--readme` on a benchmark rewrites its block wherever it is."""
+`<!-- NAME:end -->` markers. `--readme` on a benchmark or a report command (tools.results_table,
+tools.search_report) rewrites its block wherever it is."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What a study of `make search` tried and found, as a table, from its Optuna storage.
 
-    python -m benchmarks.search_report --study search14500_I3-e15 [--readme]
+    python -m tools.search_report --study search14500_I3-e15 [--readme]
 
 One row per trial, best first: its state, layout (convs per block), conv channels, the
 recipe settings it drew, parameters, the epochs it trained before it finished or was
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import readme
 from stages.params import ConvLayer, TransitionLayer, parse_params
+from tools import doc_blocks
 from tools.search import open_storage, storage_url, study_summary
 from tools.search_space import LAYOUT_DIMENSIONS, OPTIONAL_LAYOUT_DIMENSIONS
 
@@ -68,7 +68,7 @@ def table(study) -> list[str]:
         f"{settings['epochs']} epochs, scored on the last {settings['validation']:,} training "
         f"images; {summary['n_complete']} complete, {summary['n_pruned']} pruned, "
         f"{summary['n_failed']} failed; on {', '.join(devices) or 'no device yet'} "
-        f"(`python -m benchmarks.search_report --study {study.study_name}`).",
+        f"(`python -m tools.search_report --study {study.study_name}`).",
         "",
         "| trial | state | convs per block | conv channels | recipe drawn | parameters | epochs | last val acc |",
         "| ---: | --- | --- | --- | --- | ---: | ---: | ---: |",
@@ -95,12 +95,12 @@ def main() -> None:
     try:
         study = optuna.load_study(study_name=args.study, storage=open_storage(storage_url()))
     except KeyError:
-        raise SystemExit(f"benchmarks.search_report: error: no study {args.study!r} in "
+        raise SystemExit(f"tools.search_report: error: no study {args.study!r} in "
                          f"{storage_url()}") from None
     lines = table(study)
     print("\n".join(lines))
     if args.readme:
-        readme.update({f"search-{args.study}": lines})
+        doc_blocks.update({f"search-{args.study}": lines})
 
 
 if __name__ == "__main__":

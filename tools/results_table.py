@@ -1,11 +1,11 @@
 """The README's results table and figure, generated from the DVC experiments (never typed).
 
-    python -m benchmarks.results_table                # print the table
-    python -m benchmarks.results_table --readme       # also record it and rewrite README.md
-    python -m benchmarks.results_table --default-only --readme   # just the default run's line
+    python -m tools.results_table                # print the table
+    python -m tools.results_table --readme       # also record it and rewrite README.md
+    python -m tools.results_table --default-only --readme   # just the default run's line
 
 Reads `dvc exp show --json -A`. Every experiment named `<preset>-s<seed>` (what
-`make iterations` / `make seeds` queue, tools/repeats.py) is one repeat of its preset; a
+`make iterations` / `make readmes` queue, tools/repeats.py) is one repeat of its preset; a
 name run twice counts once, its newest run. Each preset's group is summarised and, with
 `--readme`, recorded in reports/results.json (committed), where it replaces that preset's
 earlier group and leaves every other preset's as it was: groups run in different clones or
@@ -37,7 +37,6 @@ import argparse
 import functools
 import hashlib
 import json
-import math
 import re
 import statistics
 import subprocess
@@ -48,8 +47,9 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks import readme
 from stages.files import write_atomic, write_json
+from tools import doc_blocks
+from tools.repeat_stats import group_stats
 
 REPORTED_FILE = Path("conf/reported.yaml")
 TARGETS_FILE = Path("benchmarks/search_targets.yaml")  # what the search's winners should reach
@@ -153,13 +153,9 @@ def repeats_by_preset(found: dict[str, dict]) -> dict[str, list[Repeat]]:
 
 
 def summarize(runs: list[Repeat]) -> dict:
-    """One preset's group: what the table and the figure show of it."""
-    finals = [run.final for run in runs]
-    n = len(finals)
-    sd = statistics.stdev(finals) if n > 1 else None
-    return {"n": n, "mean": statistics.fmean(finals), "sd": sd,
-            "sem": sd / math.sqrt(n) if sd is not None else None,
-            "min": min(finals), "max": max(finals),
+    """One preset's group: what the table and the figure show of it (its final accuracies'
+    statistics as tools.repeats logs them to MLflow)."""
+    return {**group_stats([run.final for run in runs]),
             "best_epoch": statistics.fmean(run.best_epoch for run in runs),
             "parameters": runs[0].parameters, "epochs": runs[0].epochs,
             "devices": sorted({run.device for run in runs})}
@@ -324,10 +320,10 @@ def main() -> None:
         default = default_run()
         print("\n".join(default))
         if args.readme and not has_default_run():
-            sys.exit("results_table: no default run here to write (`make repro` makes one); "
+            sys.exit("tools.results_table: no default run here to write (`make repro` makes one); "
                      "README.md is left as it is")
         if args.readme:
-            readme.update({"default": default})
+            doc_blocks.update({"default": default})
         return
     command = [sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"]
     show = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
@@ -340,7 +336,7 @@ def main() -> None:
     if args.readme:
         write_json(LEDGER, groups)
         # A clone without a default run of its own keeps the README's line as it is.
-        readme.update({"results": table, **({"default": default} if has_default_run() else {})})
+        doc_blocks.update({"results": table, **({"default": default} if has_default_run() else {})})
 
 
 if __name__ == "__main__":
