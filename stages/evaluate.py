@@ -42,7 +42,7 @@ from stages.paths import (  # noqa: E402
     REPORTS,
 )
 
-PARAM_LIMIT = 20_000  # the seeds' assignment: fewer than 20k parameters
+PARAM_LIMIT = 20_000  # the sources' assignment: fewer than 20k parameters
 
 
 class ModelFileError(RuntimeError):
@@ -68,7 +68,7 @@ def load_model(path: Path = MODEL_FILE) -> tuple[nn.Module, Params, str]:
 
 
 def suite_checks(model: nn.Module) -> dict[str, bool]:
-    """The assertions of the two seeds' test suites that ship with code (README 000's
+    """The assertions of the two sources' test suites that ship with code (README 000's
     tests/test_model.py, README 003's test_model.py), each as its suite writes it. They agree
     but for the dropout check: README 000 asserts an `nn.Dropout2d`, README 003 an `nn.Dropout`
     (neither class is the other's subclass). Neither suite checks epochs or accuracy."""
@@ -84,7 +84,7 @@ def suite_checks(model: nn.Module) -> dict[str, bool]:
 
 
 def parameter_report(model: nn.Module, params: Params) -> dict:
-    """The per-layer table plus the checks the seeds' own test suites make."""
+    """The per-layer table plus the checks the sources' own test suites make."""
     return {
         "preset": params.base.preset,
         "head": params.model.head,

@@ -1,4 +1,4 @@
-"""The training recipe every stage and benchmark shares: the optimiser and its schedule, one
+"""The training loop every stage and benchmark shares: the optimiser and its schedule, one
 training epoch, one pass over a test set, and the run (`TrainingRun`) that joins them.
 
 On a GPU a step of these small CNNs is a few microseconds of arithmetic behind a hundred
@@ -31,7 +31,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 # Images warped per call when augmenting an epoch: large enough to amortise the launches,
 # small enough that the sampling grid (8 bytes a pixel) stays near 50 MB.
 AUGMENT_CHUNK = 8192
-# The bar the seeds report against ("above 99.4 %"): a run's summary says when it first met it.
+# The bar the sources report against ("above 99.4 %"): a run's summary says when it first met it.
 TARGET_ACCURACY = 0.994
 # Guessing uniformly scores a cross-entropy of ln(10) = 2.30. An epoch whose mean loss is ten
 # times that (or not a number at all) has diverged: its weights are no longer worth keeping.
@@ -234,7 +234,7 @@ class TrainingRun:
     `val_accuracy`).
 
     The train stage, every benchmark and the tests drive training through this one object,
-    so they measure the recipe that ships, and a recipe change is made once.
+    so they measure the training that ships, and a change to it is made once.
     """
 
     params: Params

@@ -1,7 +1,7 @@
 """The CNN, built from `model.*` params, and the per-layer parameter report.
 
-One builder serves every seed: the architecture is data (a list of layers in params.yaml),
-so a new recipe is a new preset file, not new code.
+One builder serves every source: the architecture is data (a list of layers in params.yaml),
+so a new model is a new preset file, not new code.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def build_model(spec: Model, inplace_relu: bool = True) -> nn.Sequential:
     Shapes come from `spec.walk()`, the same walk that validated them. Each ReLU overwrites
     its input (no conv or BatchNorm backward reads its own output, so autograd allows it),
     which saves a tensor's allocation and write per ReLU; `inplace_relu=False` builds the
-    seeds' plain `nn.ReLU()` for the benchmark of their way."""
+    sources' plain `nn.ReLU()` for the benchmark of their way."""
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     counts: dict[str, int] = {}
 

@@ -174,7 +174,7 @@ class Model(Section):
     batchnorm: bool
     bias: bool
     padding: Literal["same", "valid"]
-    # After a conv: BatchNorm then ReLU (most seeds), or ReLU then BatchNorm (README 000's code).
+    # After a conv: BatchNorm then ReLU (most sources), or ReLU then BatchNorm (README 000's code).
     order: Literal["bn_relu", "relu_bn"]
     layers: Annotated[tuple[Layer, ...], FromList, Field(min_length=1)]
 
@@ -437,7 +437,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 
 
 def preset_names(presets_dir: Path = PRESETS_DIR) -> list[str]:
-    """The recipes `-S preset=NAME` accepts: the files of conf/preset/."""
+    """The presets `-S preset=NAME` accepts: the files of conf/preset/."""
     return sorted(path.stem for path in presets_dir.glob("*.yaml"))
 
 
@@ -461,19 +461,6 @@ def compose(preset: str = "default", overrides: Sequence[str] = (), conf: Path =
     except HydraException as err:  # a malformed or unknown override
         raise ParamsError(str(err).strip().splitlines()[0]) from None
     return OmegaConf.to_container(config, resolve=True)
-
-
-def renamed_preset(name: str, presets_dir: Path = PRESETS_DIR) -> str | None:
-    """The new name when `name` is an old one kept for a release: a preset file whose defaults
-    list holds only another preset (and `_self_`)."""
-    path = presets_dir / f"{name}.yaml"
-    if not path.is_file():
-        return None
-    defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
-    others = [entry for entry in defaults if entry != "_self_"]
-    if len(others) == 1 and isinstance(others[0], str) and others[0] in preset_names(presets_dir):
-        return others[0]
-    return None
 
 
 def check_preset(raw: Any, params: Params, presets_dir: Path = PRESETS_DIR) -> None:

@@ -41,8 +41,13 @@ RESUME_HINT = ("rerun the same command with `-S train.resume=true` added (or set
                "true for `dvc repro`) to continue the same MLflow run")
 
 
-def recipe(params: Params) -> dict:
-    """What a checkpoint must match to be resumed: everything but the resume switch itself."""
+# The checkpoint's key for its params snapshot. The name is older than this project's one
+# meaning of "recipe" (a preset's training settings) and stays: older checkpoints still resume.
+SNAPSHOT_KEY = "recipe"
+
+
+def params_snapshot(params: Params) -> dict:
+    """What a checkpoint must match to be resumed: every param but the resume switch itself."""
     snapshot = params.model_dump(mode="json")
     snapshot["train"].pop("resume")
     return snapshot
@@ -62,11 +67,11 @@ def load_checkpoint(quiet: bool) -> dict | None:
 
 
 def load_resumable(params: Params, checkpoint: dict | None) -> dict | None:
-    """The checkpoint, if resuming is on and it was written by this same recipe."""
+    """The checkpoint, if resuming is on and it was written with these same params."""
     if not (params.train.resume and checkpoint is not None):
         return None
-    if checkpoint.get("recipe") != recipe(params):
-        print(f"train: {CHECKPOINT_FILE} is from another recipe; starting afresh")
+    if checkpoint.get(SNAPSHOT_KEY) != params_snapshot(params):
+        print(f"train: {CHECKPOINT_FILE} was written with other params; starting afresh")
         return None
     return checkpoint
 
@@ -151,7 +156,7 @@ def save_epoch(run: TrainingRun, run_id: str, metrics: dict) -> None:
     synchronous writes. A server that stopped answering stops the training at this epoch."""
     with tracking.signals_deferred():
         write_atomic(CHECKPOINT_FILE, lambda f: torch.save(
-            {"recipe": recipe(run.params), "mlflow_run_id": run_id, **run.state()}, f))
+            {SNAPSHOT_KEY: params_snapshot(run.params), "mlflow_run_id": run_id, **run.state()}, f))
         try:
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"},
                                step=metrics["epoch"], synchronous=True)

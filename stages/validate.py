@@ -8,7 +8,7 @@ and its metrics. This stage runs first (train depends on its output) and refuses
 line each, an unknown key or bad value, a preset that is not in conf/preset/, a device this
 machine lacks, or a model too large for the device's memory; then nothing else runs.
 
-Its output, reports/plan.json, says what the next training will be: recipe, random seed,
+Its output, reports/plan.json, says what the next training will be: preset, random seed,
 device, parameters and the memory estimate. It is written (atomically) only after every check
 has passed; DVC keeps the last one in place while the stage runs (`persist` in dvc.yaml), so a
 refused value leaves the plan, and the working tree, as they were.
@@ -30,7 +30,6 @@ from stages.params import (
     check_preset,
     parse_params,
     read_params_file,
-    renamed_preset,
     training_memory_bytes,
 )
 from stages.paths import PLAN_FILE
@@ -102,9 +101,6 @@ def main() -> None:
     lap("checks")
     print(f"validate: params.yaml is valid: {plan['preset']}, {plan['parameters']:,} parameters, "
           f"{plan['epochs']} epochs on {plan['device']}")
-    if new_name := renamed_preset(plan["preset"]):
-        print(f"validate: note: preset {plan['preset']} is now called {new_name}; the old name "
-              f"goes in the next release (-S preset={new_name})")
 
 
 if __name__ == "__main__":
