@@ -19,7 +19,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui ui-screenshot server postgres promote serve predict iterations readmes seeds repeats search exps results bench bench-experiment bench-overheads profile recipes same-recipe plots params remote clean-venv
+.PHONY: setup repro test test-fast ui ui-screenshot server postgres team-up team-down pull promote serve predict iterations readmes repeats search exps results bench bench-experiment bench-overheads profile recipes same-recipe plots params remote clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -47,8 +47,8 @@ ui: setup  ## MLflow UI on this repo's store, local only
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-ui-screenshot: setup  ## docs/mlflow_compare.png: the UI's compare view of the two newest runs
-	$(BIN)/python -m tools.mlflow_ui
+ui-screenshot: setup  ## reports/ui/mlflow_compare.png: the two newest runs' accuracy per epoch (OUT=docs/mlflow_compare.png for the README's)
+	$(BIN)/python -m tools.mlflow_ui $(if $(OUT),--out "$(OUT)")
 
 # A tracking server for a team (or a laptop and a GPU box): runs, metrics and artifacts
 # (models, reports) all land here. Clients: MLFLOW_TRACKING_URI=http://HOST:SERVER_PORT.
@@ -57,15 +57,34 @@ SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5050
 SERVER_DIR ?= $(CURDIR)/server
 BACKEND ?= sqlite:///$(SERVER_DIR)/mlflow.db
+# Other machines: SERVER_HOST=0.0.0.0 and ALLOWED_HOSTS, the names clients reach it by
+# (mlflow.team.example:5050,...; MLflow refuses any other name with 403 "Invalid Host header"),
+# CORS_ORIGINS for web pages of other origins. AUTH=1: users and passwords (MLflow's
+# basic-auth app; the admin's password in MLFLOW_AUTH_ADMIN_PASSWORD, its users' database in
+# SERVER_DIR; more users: .venv/bin/python -m tools.server add-user NAME).
+ALLOWED_HOSTS ?=
+CORS_ORIGINS ?=
+AUTH ?=
+SERVER_ARGS = --host "$(SERVER_HOST)" --port "$(SERVER_PORT)" --allowed-hosts "$(ALLOWED_HOSTS)" \
+	--cors-origins "$(CORS_ORIGINS)" --auth "$(AUTH)" --server-dir "$(SERVER_DIR)" --workers 1
 # tools/server.py checks BACKEND, the address and the database (seconds, one line each), then
 # runs `mlflow server --serve-artifacts` with these settings. Not echoed: BACKEND may hold a
 # password (the tool prints it hidden).
 server: setup  ## MLflow tracking server with proxied artifacts, on SERVER_HOST:SERVER_PORT
-	@$(BIN)/python -m tools.server --backend "$(BACKEND)" --host "$(SERVER_HOST)" \
-		--port "$(SERVER_PORT)" --artifacts "$(SERVER_DIR)/artifacts" --workers 1
+	@$(BIN)/python -m tools.server --backend "$(BACKEND)" \
+		--artifacts "$(SERVER_DIR)/artifacts" $(SERVER_ARGS)
 
 postgres: setup  ## a private PostgreSQL (PyPI pgserver, no root) in SERVER_DIR/postgres; prints BACKEND
 	$(BIN)/python -m tools.postgres "$(SERVER_DIR)/postgres"
+
+# Both in the background, from one terminal: logs and PIDs in SERVER_DIR; the same settings as
+# `make server` (a BACKEND given here is used instead of the private PostgreSQL).
+team-up: setup  ## PostgreSQL and the tracking server in the background; prints MLFLOW_TRACKING_URI
+	@$(BIN)/python -m tools.team up $(if $(filter command line,$(origin BACKEND)),--backend "$(BACKEND)") \
+		$(SERVER_ARGS)
+
+team-down: setup  ## stop what `make team-up` started
+	@$(BIN)/python -m tools.team down --server-dir "$(SERVER_DIR)"
 
 # The model users get: registered as mnist-cnn, the alias `champion` on the best one.
 SERVE_PORT ?= 5001
@@ -76,8 +95,10 @@ promote: setup  ## register the model of models/model.pt (RUN=<run id> for anoth
 serve: setup  ## serve MODEL (the champion) on 127.0.0.1:SERVE_PORT: POST /invocations
 	$(BIN)/python -m tools.serve --model "$(MODEL)" --host 127.0.0.1 --port $(SERVE_PORT)
 
+# tools.predict reads IMAGES from the environment (make passes it on), split as a shell splits
+# words, so a quoted path may hold spaces: IMAGES='"my digits/a.png" b.png'.
 predict: setup  ## classify digit images: make predict IMAGES="a.png b.jpg" [URL=http://...]
-	$(BIN)/python -m tools.predict $(if $(URL),--url "$(URL)") $(IMAGES)
+	$(BIN)/python -m tools.predict $(if $(URL),--url "$(URL)")
 
 # Each preset REPEATS times, random seeds 0..REPEATS-1, as DVC experiments <preset>-s<seed>
 # and one MLflow parent run per preset (tools/repeats.py). -f replaces an experiment of the
@@ -85,10 +106,9 @@ predict: setup  ## classify digit images: make predict IMAGES="a.png b.jpg" [URL
 iterations: setup  ## README 004's changelog, I0 to I3, REPEATS random seeds each
 	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(ITERATIONS)
 
-readmes: setup  ## the recipes of READMEs 000 to 003, REPEATS random seeds each
+readmes: setup  ## the presets of READMEs 000 to 003, REPEATS random seeds each
 	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(READMES)
 
-seeds: readmes  # the old name of `make readmes`, until the next release
 
 repeats: setup  ## any presets, REPEATS random seeds each: make repeats PRESETS="search8000 I3"
 	@test -n "$(PRESETS)" || { echo 'make repeats: give PRESETS="NAME ..." (names from conf/preset/)'; exit 2; }
@@ -118,9 +138,9 @@ exps: setup  ## the experiments of this commit, one short row each (FULL=1: dvc 
 	$(if $(FULL),$(BIN)/dvc exp show $(EXPS_ARGS),$(BIN)/python -m tools.exps)
 
 results: setup  ## rewrite the README's results table and figure from `dvc exp show`
-	$(BIN)/python -m benchmarks.results_table --repeats "$(REPEATS)" --readme
+	$(BIN)/python -m tools.results_table --repeats "$(REPEATS)" --readme
 
-bench: setup  ## training throughput: the seeds' way vs this pipeline, and the hardware floor
+bench: setup  ## training throughput: the sources' way vs this pipeline, and the hardware floor
 	$(BIN)/python -m benchmarks.train_throughput $(BENCH_ARGS)
 
 # Whole recipes, timed as the train stage runs them. All eight take minutes on a GPU and
@@ -141,7 +161,7 @@ bench-experiment: setup  ## a whole experiment's wall time and its split (EXPERI
 bench-overheads: setup  ## per-epoch bookkeeping (MLflow, checkpoint) and no-op `dvc repro` times
 	$(BIN)/python -m benchmarks.overheads --readme
 
-same-recipe: setup  ## accuracy of the seeds' way vs this pipeline on the same recipe and seeds
+same-recipe: setup  ## accuracy of the sources' way vs this pipeline on the same recipe and random seeds
 	$(BIN)/python -m benchmarks.same_recipe --readme
 
 plots: setup  ## DVC plots as HTML that renders offline (vega inlined from the npm registry)
@@ -166,6 +186,10 @@ remote: setup  ## set the default DVC remote, pulls verified: make remote URL=..
 	fi
 	$(BIN)/dvc remote default$(REMOTE_LEVEL) "$(REMOTE_NAME)"
 	$(BIN)/dvc remote modify$(REMOTE_LEVEL) "$(REMOTE_NAME)" verify true
+
+# A new clone: plain `dvc pull` fails on the outputs dvc.lock names that no remote holds.
+pull: setup  ## dvc pull what the remote has; says what came and what `dvc repro` will rebuild
+	@$(BIN)/python -m tools.pull
 
 params: setup  ## regenerate params.yaml from conf/ (dvc exp run does this itself)
 	$(BIN)/python -c "from pathlib import Path; from dvc.utils.hydra import compose_and_dump; \
