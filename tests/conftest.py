@@ -1,39 +1,24 @@
 """Shared fixtures: a tiny synthetic MNIST (so tests never need the real download or the
-network) and a params factory that starts from the repo's own params.yaml."""
+network), a params factory that starts from the repo's own params.yaml, and the place where
+the tiny project of tests/helpers.py is built. Functions the tests share are in helpers.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import numpy as np
+import helpers
 import pytest
 import yaml
-
-from stages import mnist
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, synthetic_digits, write_idx
 
 
-def write_idx(raw_dir: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write images (uint8 [N, 28, 28]) and labels as the two IDX files torchvision reads."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    (raw_dir / f"{prefix}-images-idx3-ubyte").write_bytes(
-        mnist.idx_images(images.astype(np.uint8).tobytes(), len(images)))
-    (raw_dir / f"{prefix}-labels-idx1-ubyte").write_bytes(
-        mnist.idx_labels(labels.astype(np.uint8).tobytes()))
-
-
-def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A learnable stand-in for MNIST: class k is a bright 6x6 blob at one of ten places,
-    jittered by a pixel or two, on a noisy background."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
-    for i, k in enumerate(labels):
-        row, col = 3 + 15 * (k // 5), 2 + 5 * (k % 5)
-        dr, dc = rng.integers(-1, 2, 2)
-        images[i, row + dr: row + dr + 6, col + dc: col + dc + 6] = 230
-    return images, labels
+@pytest.fixture(scope="session", autouse=True)
+def tiny_project_home(tmp_path_factory) -> None:
+    """Where helpers.tiny_project builds the project it copies. Under pytest-xdist, the
+    folder above each worker's own is this run's, shared: one worker builds, all copy."""
+    base = tmp_path_factory.getbasetemp()
+    helpers.TEMPLATE_HOME = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from benchmarks import (
     overheads,
     profile_step,
-    results_table,
     same_recipe,
     train_throughput,
 )
 from stages.data import load_split
 from stages.device import keep_freed_memory
 from stages.params import parse_params
+from tools import results_table
 
 
 def test_bookkeeping_timing_uses_a_throwaway_store(tmp_path, monkeypatch):
@@ -213,11 +213,11 @@ def test_an_experiment_starts_its_stages_python_from_this_environment_off_path(
 
 def test_every_generated_block_lives_where_its_command_writes():
     """Each `<!-- NAME:begin -->` block of the documentation stands once, paired, in a file
-    that `--readme` rewrites (benchmarks.readme.DOCUMENTS): a block moved to a page the
+    that `--readme` rewrites (tools.doc_blocks.DOCUMENTS): a block moved to a page the
     commands do not know would go stale without a word."""
     import re
 
-    from benchmarks.readme import DOCUMENTS
+    from tools.doc_blocks import DOCUMENTS
 
     markers = re.compile(r"<!-- ([\w.-]+):(begin|end) -->")
     written = {REPO / path for path in DOCUMENTS}

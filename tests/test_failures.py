@@ -14,8 +14,8 @@ record a wrong result:
 11. Ctrl-C during a download or a training ends with one clear line;
 12. a damaged MNIST file of the right size is refused by the training stage itself.
 
-Projects are built as in test_interruptions.py (stages + params + synthetic MNIST) and
-test_pipeline.py (the whole repo under git and DVC).
+Projects come from tests/helpers.py: make_project (stages + params + synthetic MNIST) and
+tiny_project (the whole repo under git and DVC).
 """
 
 from __future__ import annotations
@@ -30,16 +30,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_interruptions import (
+from helpers import (
+    BIN,
     PYTHON,
     interrupt_after_epoch_1,
     make_project,
     mlflow_runs,
+    run,
     run_stage,
     stage_env,
     steps,
+    tiny_project,
 )
-from test_pipeline import BIN, run, tiny_project
 
 from stages.data import DataError, batch_indices, load_split, steps_per_epoch
 from stages.loop import TrainingRun

@@ -10,21 +10,16 @@
 * four queued DVC experiments run two at a time into one sqlite store, all finished and
   complete.
 
-Each test builds its own project: the repo's stages/ and params.yaml (made tiny) beside a
-synthetic MNIST (tests/conftest.py), so nothing here needs the real data or the network.
+Each test works in its own project (tests/helpers.py): the repo's stages/ and params.yaml
+(made tiny) beside a synthetic MNIST, or a copy of the whole tiny repo under git and DVC, so
+nothing here needs the real data or the network.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-import queue
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,159 +27,26 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import REPO, synthetic_digits, write_idx
-from mlflow import MlflowClient
+from helpers import (
+    BIN,
+    PYTHON,
+    STARTUP_TIMEOUT_S,
+    Training,
+    client,
+    curves,
+    free_port,
+    interrupt_after_epoch_1,
+    make_project,
+    mlflow_runs,
+    run,
+    run_stage,
+    stage_env,
+    steps,
+    temp_files,
+    tiny_project,
+)
 
 pytestmark = pytest.mark.slow
-
-PYTHON = Path(sys.executable)
-BIN = PYTHON.parent
-STARTUP_TIMEOUT_S = 240  # imports + the first epoch, on a loaded 2-core machine
-
-
-# --- a tiny project, and the stages run in it ------------------------------------------------
-
-
-def make_project(dest: Path, n_train: int = 512, n_test: int = 128, **train) -> Path:
-    """stages/, conf/ and params.yaml from the repo, a synthetic MNIST, and tiny CPU training params
-    (any `train` keyword overrides one of them, even with a value the stage must refuse)."""
-    for folder in ("stages", "conf"):  # conf/preset/ names the presets params.yaml may name
-        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(mirrors=[], pypi_fallback=False, timeout_s=1, verify_md5=False)
-    params["train"].update(device="cpu", precision="fp32", batch_size=64, lr=0.05, epochs=3,
-                           limit_train=0, limit_test=0, resume=False)
-    params["train"].update(train)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    raw = dest / "data" / "MNIST" / "raw"
-    write_idx(raw, "train", *synthetic_digits(n_train, seed=0))
-    write_idx(raw, "t10k", *synthetic_digits(n_test, seed=1))
-    return dest
-
-
-def stage_env(**extra: str) -> dict[str, str]:
-    """This environment without MLflow/DVC settings (the stage uses the project's own store)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_")) and k != "PYTHONPATH"}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def run_stage(project: Path, stage: str, timeout: float = 300,
-              **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PYTHON), "-m", f"stages.{stage}"], cwd=project,
-                          env=stage_env(**env), capture_output=True, text=True, timeout=timeout)
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-class Training:
-    """`python -m stages.train` in the background, its stdout read line by line."""
-
-    def __init__(self, project: Path, log_dir: Path) -> None:
-        # stderr goes to a file: an unread pipe could fill up and stall the stage.
-        self.stderr_path = log_dir / f"stderr-{project.name}-{time.monotonic_ns()}.log"
-        self._stderr = self.stderr_path.open("w")
-        # A shell's background job (`make test &`, nohup) starts with SIGINT ignored, and an
-        # ignored signal stays ignored across exec: Ctrl-C would then never reach the stage.
-        # The child gets the default back, as a stage started from a terminal has it.
-        self.proc = subprocess.Popen([str(PYTHON), "-m", "stages.train"], cwd=project,
-                                     env=stage_env(), stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True, bufsize=1,
-                                     preexec_fn=_default_sigint)
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, prefix: str, timeout: float = STARTUP_TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                pytest.fail(f"train ended before printing {prefix!r}:\n{self.output()}")
-            if line.startswith(prefix):
-                return line
-        self.proc.kill()
-        pytest.fail(f"no line starting {prefix!r} within {timeout} s:\n{self.output()}")
-
-    def finish(self, timeout: float = 120) -> int:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            pytest.fail(f"train did not stop within {timeout} s:\n{self.output()}")
-        self._reader.join(timeout=10)
-        self._stderr.close()
-        return code
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def output(self) -> str:
-        return f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
-
-
-def interrupt_after_epoch_1(project: Path, log_dir: Path, sig: int = signal.SIGTERM) -> Training:
-    """Start training, stop it with `sig` as soon as it reports epoch 1, wait for it to end."""
-    training = Training(project, log_dir)
-    training.wait_for("train: epoch 1 ")
-    training.proc.send_signal(sig)
-    code = training.finish()
-    assert code != 0, training.output()
-    return training
-
-
-# --- what a project holds afterwards ---------------------------------------------------------
-
-
-def client(project: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-
-
-def mlflow_runs(project: Path) -> list:
-    store = client(project)
-    experiment = store.get_experiment_by_name("mnist-cnn")
-    assert experiment is not None, f"no MLflow experiment in {project / 'mlflow.db'}"
-    return store.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-
-
-def steps(project: Path, run_id: str, metric: str = "test_accuracy") -> list[int]:
-    return sorted(m.step for m in client(project).get_metric_history(run_id, metric))
-
-
-def curves(project: Path) -> list[dict[str, str]]:
-    with (project / "reports" / "training_curves.csv").open() as file:
-        return list(csv.DictReader(file))
-
-
-def temp_files(project: Path) -> list[Path]:
-    """What files.write_atomic leaves behind if a write is cut short."""
-    return [path for folder in ("models", "reports") for path in (project / folder).rglob(".*.tmp")]
-
-
-def free_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --- 1. a stop signal mid-training -----------------------------------------------------------
@@ -350,8 +212,6 @@ def test_stages_starting_together_on_a_fresh_store_all_connect(tmp_path):
 
 @pytest.mark.fault
 def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
-    from test_pipeline import run, tiny_project
-
     project = tiny_project(tmp_path)
     dvc = str(BIN / "dvc")
     names = {"p1": 0.02, "p2": 0.1}  # one experiment per worker, both writing at once
@@ -414,10 +274,8 @@ def test_parallel_queued_experiments_all_finish_in_one_store(tmp_path):
 def test_dvc_exp_run_resumes_the_interrupted_run_into_the_same_mlflow_run(tmp_path):
     """The recovery the stage prints (the same command with -S train.resume=true) works under
     `dvc exp run` too. Before each experiment DVC checks out every cached output of dvc.lock,
-    so a checkpoint in DVC's cache would be replaced by the committed run's (another recipe)
+    so a checkpoint in DVC's cache would be replaced by the committed run's (other params)
     and the interrupted epochs trained again, in a new MLflow run, the old one left behind."""
-    from test_pipeline import run, tiny_project
-
     project = tiny_project(tmp_path / "project")
     dvc = str(BIN / "dvc")
     run([dvc, "repro"], project)  # a committed baseline whose outputs DVC's cache holds

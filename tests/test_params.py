@@ -1,5 +1,5 @@
 """Tests for stages/params.py: every bad value is refused with a message that names the key,
-the value and what is allowed; every shipped recipe parses and has its documented size.
+the value and what is allowed; every shipped preset parses and has its documented size.
 
 The bad-value table starts from the repo's own params.yaml (fixture `default_params`) and
 changes one thing per row. Each row says which dotted key the message must lead with and
@@ -30,24 +30,15 @@ from hydra.errors import HydraException
 
 from stages.device import resolve_device, resolve_precision
 from stages.model import build_model, count_parameters
-from stages.params import ParamsError, load_params, parse_params, renamed_preset
+from stages.params import ParamsError, load_params, parse_params
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
-PRESETS = sorted(path.stem for path in (CONF / "preset").glob("*.yaml"))
-# The presets with a recipe of their own (not an old name of another).
-RECIPES = [name for name in PRESETS if renamed_preset(name, CONF / "preset") is None]
+from helpers import CONF, PRESETS, REPO, compose
+
 
 DELETE = object()  # a table value that removes the key instead of setting it
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def compose(out: Path, overrides: list[str]) -> dict:
-    """params.yaml as `dvc exp run -S ...` would write it from conf/; returned as a dict."""
-    compose_and_dump(out, str(CONF), None, "config", str(REPO), overrides)
-    return yaml.safe_load(out.read_text())
 
 
 def with_change(params: dict, dotted: str, value: Any) -> dict:
@@ -221,7 +212,7 @@ def test_params_that_are_not_a_mapping(raw):
         parse_params(raw)
 
 
-# --- the shipped recipes -------------------------------------------------------------------
+# --- the shipped presets -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -233,26 +224,32 @@ def presets(tmp_path_factory) -> dict[str, dict]:
 
 def test_presets_are_found():
     assert PRESETS == ["I0", "I1", "I2", "I3", "readme000", "readme001", "readme002", "readme003",
-                       "search14500_I3_recipe", "search14500_unpadded", "search5000", "search5000_unpadded",
-                       "search8000", "search8000_unpadded", "seed000", "seed001", "seed002", "seed003"]
+                       "search14500_I3_recipe", "search5000", "search5000_unpadded",
+                       "search8000", "search8000_unpadded"]
 
 
-@pytest.mark.parametrize("old", ["seed000", "seed001", "seed002", "seed003"])
-def test_old_preset_names_compose_the_renamed_recipe(presets, old):
-    """seed00N is the old name of readme00N for one release: the same recipe, its own name."""
-    new = renamed_preset(old, REPO / "conf" / "preset")
-    assert new == old.replace("seed", "readme")
-    assert {**presets[old], "base": None} == {**presets[new], "base": None}
-    assert presets[old]["base"]["preset"] == old
+def test_every_preset_has_a_result():
+    """A preset earns its place in conf/preset/ by its row in the results (reports/results.json,
+    the README's table); a search winner that was never tested waits in conf/candidates/."""
+    results = json.loads((REPO / "reports" / "results.json").read_text())
+    assert [name for name in PRESETS if name not in results] == []
 
 
-def test_a_preset_of_its_own_is_not_an_alias():
-    assert [name for name in PRESETS if renamed_preset(name, REPO / "conf" / "preset")
-            and not name.startswith("seed")] == []
+def test_a_candidate_composes_once_copied_into_the_presets(tmp_path):
+    """conf/candidates/ says "copy it into conf/preset/ to train it": that must still work."""
+    candidates = sorted(path.stem for path in (CONF / "candidates").glob("*.yaml"))
+    assert candidates == ["search14500_unpadded"]
+    conf = shutil.copytree(CONF, tmp_path / "conf")
+    for name in candidates:
+        shutil.copy(conf / "candidates" / f"{name}.yaml", conf / "preset")
+        compose_and_dump(tmp_path / f"{name}.yaml", str(conf), None, "config", str(REPO),
+                         [f"preset={name}"])
+        params = parse_params(yaml.safe_load((tmp_path / f"{name}.yaml").read_text()))
+        assert params.base.preset == name
 
 
 def test_params_yaml_parses():
-    """The default recipe is preset I1 (conf/config.yaml's defaults list), not a copy of it."""
+    """The default params are preset I1 (conf/config.yaml's defaults list), not a copy of it."""
     params = load_params(REPO / "params.yaml")
     assert params.base.preset == "I1"
     assert params.model.head == "fc"

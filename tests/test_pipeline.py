@@ -10,10 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -21,48 +18,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, synthetic_digits, write_idx
+from helpers import BIN, post, run, synthetic_digits, tiny_project
 
 from tools.mlflow_ui import free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def run(cmd: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def tiny_project(dest: Path) -> Path:
-    """The repo's current files (committed or not) in a fresh git repo, with conf/ made
-    tiny: 2 epochs on 1,024 synthetic images, downloads off."""
-    files = run(["git", "ls-files", "-co", "--exclude-standard"], REPO).stdout.split()
-    for name in files:
-        if name.startswith(("data/", "models/", "reports/", "mlruns/")) or not (REPO / name).is_file():
-            continue
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, dest / name)
-    config = yaml.safe_load((dest / "conf/config.yaml").read_text())
-    config["data"] = {"mirrors": [], "pypi_fallback": False, "timeout_s": 1, "verify_md5": False}
-    config["train"].update(epochs=2, lr=0.05, batch_size=128, precision="fp32")
-    (dest / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    run([str(BIN / "python"), "-c", "from pathlib import Path; from dvc.utils.hydra import "
-         "compose_and_dump; compose_and_dump(Path('params.yaml'), str(Path('conf').resolve()), "
-         "None, 'config', '.', [])"], dest)
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], dest)
-    raw = dest / "data/MNIST/raw"
-    write_idx(raw, "train", *synthetic_digits(1024, seed=0))
-    write_idx(raw, "t10k", *synthetic_digits(256, seed=1))
-    # The synthetic files cannot pass MNIST's checksums: with data.verify_md5 off the download
-    # stage keeps them (and packs them), so `dvc repro` goes on from train.
-    run([str(BIN / "dvc"), "repro", "download"], dest)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -180,15 +140,6 @@ def test_exp_run_with_a_validation_split_scores_epochs_on_it(project):
 
 
 # --- the model users get: registered, promoted, served --------------------------------------
-
-
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 from PIL import Image
 
 from tools.predict import ImageError, mnist_like

@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from torch import nn
 
 from stages.model import PixelClassifier

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
-from test_pipeline import BIN, run, tiny_project
+from helpers import BIN, REPO, run, tiny_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -21,7 +20,7 @@ MODEL, ARCHIVE, RAW = "models/model.pt", "data/MNIST/raw.tar.gz", "data/MNIST/ra
 
 
 def attempt(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run `cmd` as test_pipeline.run does, but let it fail."""
+    """Run `cmd` as helpers.run does, but let it fail."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)

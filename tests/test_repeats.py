@@ -1,9 +1,9 @@
-"""Repeated recipes (tools/repeats.py) and the statistics of the results table
-(benchmarks/results_table.py).
+"""Repeated presets (tools/repeats.py) and the statistics of the results table
+(tools/results_table.py).
 
 * bad REPEATS, JOBS or preset names are refused in one line before anything is queued;
 * aggregates, the table's mean and standard deviation and its verdicts equal values worked
-  out by hand;
+  out by hand, and MLflow's aggregates equal the table's to the last digit;
 * an MLflow group with a missing repeat closes incomplete, keeping what finished;
 * end to end on tiny data: 2 presets x 2 random seeds give 4 child runs under 2 parents
   whose aggregates are exactly those of their children, and a rerun of one preset
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 import statistics
@@ -24,21 +23,11 @@ import time
 
 import mlflow
 import pytest
-from conftest import REPO
 from mlflow import MlflowClient
-from test_pipeline import BIN, run, tiny_project
+from helpers import BIN, REPO, alive, run, tiny_project
 
-from benchmarks.results_table import (
-    Repeat,
-    changed_since,
-    preset_digest,
-    printed_figure,
-    record,
-    rows,
-    summarize,
-    verdict,
-)
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
+from tools.repeat_stats import group_stats
 from tools.repeats import (
     aggregate,
     close_group,
@@ -47,6 +36,16 @@ from tools.repeats import (
     presets_git_lacks,
     reopen_group,
     run_experiments,
+)
+from tools.results_table import (
+    Repeat,
+    changed_since,
+    preset_digest,
+    printed_figure,
+    record,
+    rows,
+    summarize,
+    verdict,
 )
 
 # --- bad input ---------------------------------------------------------------------------
@@ -160,6 +159,26 @@ def test_summary_mean_sd_and_sem_of_hand_made_runs():
     assert (stats["min"], stats["max"], stats["best_epoch"]) == (0.9940, 0.9966, 12)
 
 
+def test_mlflow_groups_and_the_table_give_the_same_numbers_to_the_last_digit():
+    """A group's n, mean, sd and min to max are computed once (tools.repeat_stats): what
+    tools.repeats logs to MLflow's parent run and what the results table prints agree
+    exactly, and the standard error is sd / sqrt(n); one run has no spread."""
+    for finals in ([0.9941, 0.9957, 0.9962, 0.9938, 0.9949], [0.9950, 0.9960], [0.9913]):
+        shared = group_stats(finals)
+        assert shared["mean"] == statistics.fmean(finals)
+        assert shared["sd"] == (statistics.stdev(finals) if len(finals) > 1 else None)
+        assert shared["sem"] == (shared["sd"] / math.sqrt(len(finals)) if shared["sd"] else None)
+        table = summarize(repeats(*finals))
+        assert {key: table[key] for key in shared} == shared
+        logged = aggregate(finals)
+        assert logged == {"n_runs": shared["n"], "final_test_accuracy_mean": shared["mean"],
+                          "final_test_accuracy_std": shared["sd"] or 0.0,
+                          "final_test_accuracy_min": shared["min"],
+                          "final_test_accuracy_max": shared["max"]}
+    with pytest.raises(ValueError, match="at least one"):
+        group_stats([])
+
+
 @pytest.mark.parametrize("finals, target, rounding, expected", [
     ((0.9950, 0.9960, 0.9970), 0.996, 0.0, "reproduced"),           # mean == target
     # 0.05 pt under, SE 0.058: no difference
@@ -198,7 +217,7 @@ def test_a_figure_not_written_as_printed_is_refused_naming_it(bad):
 
 
 def test_every_reported_figure_reads():
-    from benchmarks.results_table import reported
+    from tools.results_table import reported
     figures = reported()
     assert figures["I3"]["printed"] == "99.6%" and figures["I3"]["rounding"] == pytest.approx(0.0005)
     assert figures["readme002"]["rounding"] == 0.0  # "above 99.4%" is a bound
@@ -321,15 +340,6 @@ def test_a_stop_reaches_the_stage_under_dvc(tmp_path):
     assert not alive(stage), "the stage outlived the stopped repeats"
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie has stopped; only its parent is gone
-        return stat.read().split(") ")[-1][0] != "Z"
-
-
 # --- end to end: 2 presets x 2 random seeds on tiny data --------------------------------------
 
 
@@ -371,7 +381,7 @@ def test_two_presets_two_seeds_make_two_groups_of_two(tmp_path):
         assert parent.data.metrics["final_test_accuracy_std"] == statistics.stdev(finals)
 
     # The table reads the same four experiments from DVC.
-    table = run([str(BIN / "python"), "-m", "benchmarks.results_table", "--repeats", "2"],
+    table = run([str(BIN / "python"), "-m", "tools.results_table", "--repeats", "2"],
                 project).stdout
     assert [line.split("|")[4].strip() for line in table.splitlines()
             if line.startswith(("| I1 ", "| I3 "))] == ["2", "2"]

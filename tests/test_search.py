@@ -27,10 +27,10 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from helpers import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_pipeline import BIN, tiny_project
+from helpers import BIN, tiny_project
 
 from stages.model import build_model, count_parameters
 from stages.params import compose, parse_params
@@ -93,7 +93,7 @@ def test_a_searched_layout_keeps_the_params_recipe_where_the_space_leaves_it_out
 def test_the_report_reads_a_fixed_layout_from_the_model_and_lists_the_drawn_recipe():
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from benchmarks.search_report import table
+    from tools.search_report import table
 
     base = compose(conf=REPO / "conf", overrides=["preset=I3"])
     found = optuna.create_study(direction="maximize")
@@ -487,7 +487,7 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
             page.get_by_text("tiny-study", exact=True).first.wait_for()
 
     # What the study tried, best first, as the report prints it.
-    from benchmarks.search_report import table
+    from tools.search_report import table
 
     report = table(found)
     assert report[0].startswith("Study `tiny-study`: space conf/search/default.yaml, at most "

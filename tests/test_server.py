@@ -12,8 +12,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO
-from test_pipeline import BIN, tiny_project
+from helpers import REPO
+from helpers import BIN, tiny_project
 
 from tools.mlflow_ui import free_port, wait_until_up
 

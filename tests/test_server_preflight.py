@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_pipeline import BIN
-from test_repeats import alive
+from helpers import REPO
+from helpers import BIN, alive
 
 from tools.mlflow_ui import free_port, wait_until_up
 

@@ -9,24 +9,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, synthetic_digits
+from helpers import BIN, REPO, post, synthetic_digits
 from mlflow.exceptions import MlflowException
 from torch import nn
 
 from stages.model import PixelClassifier
 from stages.params import Params
-from test_pipeline import post
 from tools.mlflow_ui import free_port, wait_until_up
 
-BIN = Path(sys.executable).parent
 NOT_PIXELS = [float("nan"), float("inf"), float("-inf"), -1e6, 1e308, 256.0, -1.0]
 NOT_PIXELS_IDS = ["NaN", "inf", "-inf", "-1e6", "1e308", "256", "-1"]
 

@@ -1,10 +1,10 @@
-"""The two seeds with public code ship test suites of four assertions each on their `Net()`
+"""The two sources with public code ship test suites of four assertions each on their `Net()`
 (README 000: tests/test_model.py; README 003: test_model.py). They are rewritten here as they
 assert, and run against the model of every preset, so "our readme000 is README 000's model" is
 checked the way its authors checked their own. The suites differ in one line: README 000
 asserts an `nn.Dropout2d`, README 003 an `nn.Dropout` (neither class is the other's subclass).
 
-The seed presets build their seeds' layers in their seeds' order: README 000's blocks run
+The readme presets build their sources' layers in their sources' order: README 000's blocks run
 conv, ReLU, BatchNorm, Dropout2d (its code, not its README's conv, BN, ReLU); README 003's
 1x1 conv is followed by a ReLU.
 """
@@ -12,7 +12,7 @@ conv, ReLU, BatchNorm, Dropout2d (its code, not its README's conv, BN, ReLU); RE
 from __future__ import annotations
 
 import pytest
-from test_params import RECIPES, compose
+from helpers import PRESETS, compose
 from torch import nn
 
 from stages.evaluate import suite_checks
@@ -66,7 +66,6 @@ EXPECTED = {
     "search14500_I3_recipe": (["dropout"], []),                      # the I3 study's layout
     "search8000_unpadded": (["dropout"], []),                        # nn.Dropout, GAP head
     "search5000_unpadded": (["dropout"], []),
-    "search14500_unpadded": (["dropout"], []),
 }
 
 
@@ -74,14 +73,14 @@ EXPECTED = {
 def models(tmp_path_factory) -> dict[str, nn.Module]:
     out = tmp_path_factory.mktemp("suites")
     return {name: build_model(parse_params(compose(out / f"{name}.yaml", [f"preset={name}"])).model)
-            for name in RECIPES}
+            for name in PRESETS}
 
 
 def test_every_preset_is_in_the_table():
-    assert sorted(EXPECTED) == RECIPES
+    assert sorted(EXPECTED) == PRESETS
 
 
-@pytest.mark.parametrize("preset", RECIPES)
+@pytest.mark.parametrize("preset", PRESETS)
 def test_source_suites_on_every_preset(models, preset):
     model = models[preset]
     assert (readme000_suite(model), readme003_suite(model)) == EXPECTED[preset]

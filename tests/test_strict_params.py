@@ -123,7 +123,7 @@ PRESETS = ["default", *preset_names(REPO / "conf/preset")]
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_round_trips(preset):
-    """Every recipe of conf/ parses, and so do the params a checkpoint stores (JSON: lists)
+    """Every preset of conf/ parses, and so do the params a checkpoint stores (JSON: lists)
     and those a search rebuilds from a dump (Python: tuples): the same params each time."""
     params = parse_params(compose(preset, conf=REPO / "conf"))
     assert params.base.preset == ("I1" if preset == "default" else preset)  # conf/config.yaml's

@@ -18,16 +18,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_pipeline import BIN, tiny_project
-from test_repeats import alive
+from helpers import REPO
+from helpers import BIN, alive, tiny_project
 
 from tools.mlflow_ui import free_port, wait_until_up
 

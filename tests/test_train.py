@@ -7,7 +7,7 @@ from itertools import islice
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from stages import loop
 from stages.data import load_split, steps_per_epoch
 from stages.loop import TrainingRun, make_optimizer, make_scheduler, time_to_accuracy
@@ -112,3 +112,21 @@ def test_the_training_step_clips_at_the_quick_run_norm(default_params, tiny_mnis
                         lambda parameters, max_norm: norms.append(max_norm) or clip(parameters, max_norm))
     fit(tiny_params(default_params, epochs=1), tiny_mnist, epochs=1)
     assert norms and set(norms) == {loop.QUICK_GRAD_CLIP}
+
+
+# --- resume: the checkpoint's params snapshot --------------------------------------------------
+
+
+def test_a_checkpoint_resumes_only_with_the_params_it_was_written_with(default_params, capsys):
+    """models/checkpoint.pt keeps every param but train.resume under the key "recipe", the key
+    checkpoints written before carry too: the same params resume it, other params start afresh
+    and the line says why."""
+    from stages.train import load_resumable
+
+    params = tiny_params(default_params, resume=True)
+    snapshot = params.model_dump(mode="json")
+    del snapshot["train"]["resume"]
+    checkpoint = {"recipe": snapshot, "mlflow_run_id": "0123abcd"}
+    assert load_resumable(params, checkpoint) is checkpoint
+    assert load_resumable(tiny_params(default_params, resume=True, epochs=4), checkpoint) is None
+    assert "checkpoint.pt was written with other params; starting afresh" in capsys.readouterr().out

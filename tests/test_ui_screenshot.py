@@ -11,7 +11,7 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
