@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from stages.host import host_memory_bytes
 from stages.params import ParamsError
 
 
@@ -35,8 +36,6 @@ def memory_bytes(device: torch.device) -> int | None:
     """The device's memory: a GPU's own, else the machine's RAM (None where unknown)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    from stages.validate import host_memory_bytes
-
     return host_memory_bytes()
 
 

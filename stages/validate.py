@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from stages import timing  # first: the stage's own imports are timed from here
 
-import os
 import sys
 from pathlib import Path
 
 from stages.files import write_json
+from stages.host import host_memory_bytes
 from stages.params import (
     Params,
     ParamsError,
@@ -62,14 +62,6 @@ def cpu_only(device: str) -> bool:
     without an NVIDIA driver (CUDA needs one; MPS is macOS only)."""
     return device == "cpu" or (device == "auto" and sys.platform.startswith("linux")
                                and not Path("/proc/driver/nvidia").exists())
-
-
-def host_memory_bytes() -> int | None:
-    """The machine's RAM (POSIX), None where unknown."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check_fits(params: Params, available: int | None, where: str) -> None:

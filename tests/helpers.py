@@ -11,6 +11,7 @@ Two kinds of tiny project:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -321,3 +322,26 @@ def curves(project: Path) -> list[dict[str, str]]:
 def temp_files(project: Path) -> list[Path]:
     """What files.write_atomic leaves behind if a write is cut short."""
     return [path for folder in ("models", "reports") for path in (project / folder).rglob(".*.tmp")]
+
+
+@contextlib.contextmanager
+def serving(root: Path, tracking_uri: str):
+    """`make serve`'s command (python -m tools.serve: the champion) run in `root` against
+    `tracking_uri`, on a free local port; yields its URL and stops it afterwards."""
+    from tools.mlflow_ui import wait_until_up
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(REPO))
+    port = free_port()
+    process = subprocess.Popen([str(BIN / "python"), "-m", "tools.serve", "--port", str(port)],
+                               cwd=root, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process, path="/ping")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+

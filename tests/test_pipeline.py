@@ -6,10 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,9 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import BIN, post, run, synthetic_digits, tiny_project
-
-from tools.mlflow_ui import free_port, wait_until_up
+from helpers import BIN, post, run, serving, synthetic_digits, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -147,22 +142,8 @@ def server(project):
     """`make promote`, then `make serve`'s command on the champion, on a free local port."""
     promoted = run([str(BIN / "python"), "-m", "tools.promote"], project).stdout
     assert "promoted: first champion" in promoted, promoted
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
-               MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/mnist-cnn@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, process, path="/ping")
+    with serving(project, f"sqlite:///{project / 'mlflow.db'}") as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def test_served_champion_classifies_raw_test_digits(project, server):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 
 import mlflow
@@ -15,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import BIN, REPO, post, synthetic_digits
+from helpers import BIN, REPO, post, serving, synthetic_digits
 from mlflow.exceptions import MlflowException
 from torch import nn
 
 from stages.model import PixelClassifier
 from stages.params import Params
-from tools.mlflow_ui import free_port, wait_until_up
+from tools.mlflow_ui import free_port
 
 NOT_PIXELS = [float("nan"), float("inf"), float("-inf"), -1e6, 1e308, 256.0, -1.0]
 NOT_PIXELS_IDS = ["NaN", "inf", "-inf", "-1e6", "1e308", "256", "-1"]
@@ -128,17 +127,8 @@ def server(logged):
         [str(BIN / "python"), "-m", "tools.promote", "--run", logged["run_id"]],
         cwd=logged["root"], env=env, capture_output=True, text=True)
     assert "promoted: first champion" in promoted.stdout, promoted
-    port = free_port()
-    process = subprocess.Popen([str(BIN / "python"), "-m", "tools.serve", "--port", str(port)],
-                               cwd=logged["root"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, process, path="/ping")
+    with serving(logged["root"], logged["uri"]) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 @pytest.mark.slow
