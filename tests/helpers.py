@@ -345,3 +345,43 @@ def serving(root: Path, tracking_uri: str):
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
 
+
+
+# --- torchvision's own affine warp, one image at a time --------------------------------------
+
+# torchvision builds its sampling grid in float32, stages.data.affine_theta in float64: the
+# grid points differ by ~1e-6 pixel. Bilinear resampling is continuous in the grid point, so a
+# [0, 1] pixel moves by at most that much times its neighbours' difference (<= 1): every pixel
+# agrees within WARP_TOLERANCE (measured: 3.4e-6 at most). Nearest resampling rounds the grid
+# point, and a point that falls on a half-pixel may round the other way in the other float
+# width: there a pixel takes its neighbour's value. At most NEAREST_FLIPS of the pixels may do
+# so (measured: 1 in 50,000); all the others agree within WARP_TOLERANCE.
+WARP_TOLERANCE = 1e-5
+NEAREST_FLIPS = 1e-3
+
+
+def torchvision_affine(images, params: dict, interpolation: str):
+    """images [N, C, H, W], each warped by torchvision.transforms.functional.affine with its
+    own parameters from `params` (as stages.data.sample_affine returns them)."""
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    return torch.stack([
+        TF.affine(image, angle=params["angle"][i].item(),
+                  translate=[int(params["translate_x"][i]), int(params["translate_y"][i])],
+                  scale=params["scale"][i].item(),
+                  shear=[params["shear_x"][i].item(), params["shear_y"][i].item()],
+                  interpolation=InterpolationMode(interpolation))
+        for i, image in enumerate(images)])
+
+
+def assert_warped_alike(warped, expected, interpolation: str, tolerance: float = WARP_TOLERANCE) -> None:
+    """`warped` is `expected` up to float rounding of the grid (see WARP_TOLERANCE)."""
+    assert warped.shape == expected.shape
+    off = (warped - expected).abs() > tolerance
+    allowed = 0 if interpolation == "bilinear" else NEAREST_FLIPS * off.numel()
+    assert off.sum().item() <= allowed, (
+        f"{off.sum().item()} of {off.numel()} pixels differ by more than {tolerance} "
+        f"(at most {allowed:g} may), the worst by {(warped - expected).abs().max().item():.3g}; "
+        f"first such image: {off.flatten(1).any(1).nonzero()[0].item()}")

@@ -1,14 +1,14 @@
-"""The batched augmentation warps exactly like torchvision's RandomAffine family."""
+"""The batched augmentation (random_affine, what training warps with) warps every image as
+torchvision's own affine warps it with the same parameters."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
-from stages.data import affine_theta, random_affine, sample_affine
+import stages.data
+from helpers import WARP_TOLERANCE, assert_warped_alike, synthetic_digits, torchvision_affine
+from stages.data import random_affine, sample_affine
 from stages.params import Augment
 
 NO_AUGMENTATION = {"degrees": 0.0, "translate": 0.0, "scale": (1.0, 1.0), "shear": 0.0,
@@ -19,25 +19,79 @@ def affine(**changes) -> Augment:
     """An `train.augment` section: no augmentation, except the given changes."""
     return Augment(**{**NO_AUGMENTATION, **changes})
 
+
 # (angle, translate x, translate y, scale, shear x) in torchvision's conventions
 CASES = [(10, 2, -1, 1.02, 0), (-7, 0, 0, 0.95, 10), (25, -3, 2, 1.1, -15), (0, 0, 0, 1, 0),
          (90, 1, 1, 0.9, 5)]
-MODES = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}
-# Same formula in float64 vs torchvision's float32 grid: a few ulp of difference at most.
-TOLERANCE = 1e-5
+# Any augmentation at all, so that random_affine warps rather than returning its input.
+SOME_AUGMENTATION = {"degrees": 30.0, "translate": 0.1, "scale": (0.9, 1.1), "shear": 15.0}
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("angle,tx,ty,scale,shear", CASES)
-def test_warp_matches_torchvision_affine(angle, tx, ty, scale, shear, mode):
-    image = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    expected = TF.affine(image[0], angle=angle, translate=[tx, ty], scale=scale,
-                         shear=[float(shear), 0.0], interpolation=MODES[mode])
-    theta = affine_theta(*(torch.tensor([float(v)]) for v in (angle, tx, ty, scale, shear, 0)),
-                         height=28, width=28)
-    grid = F.affine_grid(theta, [1, 1, 28, 28], align_corners=False)
-    warped = F.grid_sample(image, grid, mode=mode, align_corners=False)
-    assert (warped[0] - expected).abs().max().item() < TOLERANCE
+def given_draws(monkeypatch, cases) -> dict[str, torch.Tensor]:
+    """Make random_affine warp image i with cases[i] instead of a random draw."""
+    angle, tx, ty, scale, shear = (torch.tensor(column, dtype=torch.float32) for column in zip(*cases))
+    params = {"angle": angle, "translate_x": tx, "translate_y": ty, "scale": scale,
+              "shear_x": shear, "shear_y": torch.zeros(len(cases))}
+
+    def sample(n, augment, size, generator):
+        assert n == len(cases)
+        return params
+
+    monkeypatch.setattr(stages.data, "sample_affine", sample)
+    return params
+
+
+def digits(n: int) -> torch.Tensor:
+    images, _ = synthetic_digits(n, seed=0)
+    return torch.from_numpy(images).float().div(255).unsqueeze(1)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_random_affine_warps_each_image_as_torchvision_affine_does(monkeypatch, mode):
+    images = torch.rand(len(CASES), 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    params = given_draws(monkeypatch, CASES)
+    warped = random_affine(images, affine(**SOME_AUGMENTATION, interpolation=mode), torch.Generator())
+    assert_warped_alike(warped, torchvision_affine(images, params, mode), mode)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_random_affine_draws_match_torchvision_affine_per_image(mode):
+    """Random parameters, drawn as sample_affine draws them from the same generator state."""
+    images = digits(64)
+    augment = affine(**SOME_AUGMENTATION, interpolation=mode)
+    warped = random_affine(images, augment, torch.Generator().manual_seed(5))
+    params = sample_affine(len(images), augment, 28, torch.Generator().manual_seed(5))
+    assert_warped_alike(warped, torchvision_affine(images, params, mode), mode)
+    assert not torch.allclose(warped, images)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_identity_parameters_give_the_input_back(monkeypatch, mode):
+    images = digits(3)
+    given_draws(monkeypatch, [(0, 0, 0, 1, 0)] * 3)
+    warped = random_affine(images, affine(**SOME_AUGMENTATION, interpolation=mode), torch.Generator())
+    torch.testing.assert_close(warped, images, rtol=0, atol=WARP_TOLERANCE)
+
+
+def mass_centre(images: torch.Tensor) -> torch.Tensor:
+    """[N, 2]: each image's (x, y) centre of brightness, in pixels."""
+    weights = images[:, 0].double()
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    total = weights.sum((1, 2))
+    return torch.stack([(weights * xs).sum((1, 2)) / total, (weights * ys).sum((1, 2)) / total], 1)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_a_pure_translation_moves_the_mass_centre_by_its_pixels(monkeypatch, mode):
+    """Positive x moves right, positive y down (torchvision's convention). The blob sits in
+    the middle, on black, so nothing is shifted out of the frame."""
+    images = torch.zeros(3, 1, 28, 28)
+    images[:, :, 10:16, 11:18] = torch.rand(3, 1, 6, 7, generator=torch.Generator().manual_seed(0)) + 0.5
+    shifts = [(3, -2), (-4, 0), (0, 5)]
+    given_draws(monkeypatch, [(0, tx, ty, 1, 0) for tx, ty in shifts])
+    warped = random_affine(images, affine(**SOME_AUGMENTATION, interpolation=mode), torch.Generator())
+    moved = mass_centre(warped) - mass_centre(images)
+    torch.testing.assert_close(moved, torch.tensor(shifts, dtype=torch.float64), rtol=0, atol=1e-4)
 
 
 def test_each_image_gets_its_own_warp():

@@ -11,9 +11,12 @@ import pytest
 import torch
 import yaml
 
+import stages.data
+import stages.loop
 from stages.params import ParamsError, compose
-from stages.data import load_split, normalize, random_affine
+from stages.data import Split, load_split, normalize, sample_affine
 from stages.loop import (
+    AUGMENT_CHUNK,
     TrainingRun,
     augmented_epoch,
     predict_split,
@@ -21,6 +24,7 @@ from stages.loop import (
     training_forward,
 )
 from stages.params import parse_params
+from helpers import WARP_TOLERANCE, assert_warped_alike, torchvision_affine
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "preset").glob("*.yaml"))
@@ -35,18 +39,64 @@ def small_params(default_params: dict, dropout: bool = True, **train):
     return parse_params(raw)
 
 
-def test_epoch_augmentation_warps_every_image_once_like_random_affine(default_params, tiny_mnist):
-    """The epoch's inputs are the per-chunk RandomAffine draws of the same generator,
-    normalised: the same images a step-by-step warp would see, made in a few passes."""
-    params = small_params(default_params)
-    recipe = params.train
-    train = load_split(train=True, root=tiny_mnist, verify_md5=False)
+def recorded_draws(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Every set of parameters random_affine draws from now on, in order."""
+    draws = []
+
+    def sample(*args, **kwargs):
+        draws.append(sample_affine(*args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(stages.data, "sample_affine", sample)
+    return draws
+
+
+def chunked_torchvision_epoch(images: torch.Tensor, recipe, seed: int, chunk: int) -> torch.Tensor:
+    """What an epoch must be: one generator, drawn on chunk after chunk (never reset), each
+    image warped by torchvision's own affine with its parameters, then normalised."""
+    generator = torch.Generator().manual_seed(seed)
+    warped = []
+    for part in images.split(chunk):
+        params = sample_affine(len(part), recipe.augment, part.shape[-1], generator)
+        warped.append(torchvision_affine(part, params, recipe.augment.interpolation))
+    return normalize(torch.cat(warped), recipe.normalize)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_epoch_augmentation_across_chunks_is_torchvision_affine_per_image(
+        default_params, tiny_mnist, monkeypatch, interpolation):
+    """12 images in chunks of 5: the second and third chunks draw on where the first left
+    the generator, and every image is warped as torchvision warps it with its parameters."""
+    monkeypatch.setattr(stages.loop, "AUGMENT_CHUNK", 5)
+    augment = {"degrees": 25.0, "translate": 0.1, "scale": [0.9, 1.1], "shear": 15.0,
+               "interpolation": interpolation}
+    recipe = small_params(default_params, augment=augment).train
+    train = load_split(train=True, root=tiny_mnist, verify_md5=False)[:12]
+    draws = recorded_draws(monkeypatch)
+
     epoch = augmented_epoch(train, recipe, torch.Generator().manual_seed(3))
-    expected = normalize(random_affine(train.images, recipe.augment, torch.Generator().manual_seed(3)),
-                         recipe.normalize)
-    assert epoch.shape == train.images.shape
-    assert torch.allclose(epoch, expected, atol=1e-6)
+
+    assert [len(d["angle"]) for d in draws] == [5, 5, 2]
+    expected = chunked_torchvision_epoch(train.images, recipe, seed=3, chunk=5)
+    assert_warped_alike(epoch, expected, interpolation, WARP_TOLERANCE / recipe.normalize.std)
     assert not torch.allclose(epoch, normalize(train.images, recipe.normalize))  # it did warp
+
+
+def test_epoch_augmentation_across_a_real_chunk_is_torchvision_affine_per_image(
+        default_params, tiny_mnist, monkeypatch):
+    """8,200 images at the real AUGMENT_CHUNK (8,192): the last 8 come from a second chunk."""
+    recipe = small_params(default_params).train
+    tiny = load_split(train=True, root=tiny_mnist, verify_md5=False)
+    copies = -(-8200 // len(tiny))
+    train = Split(tiny.images.repeat(copies, 1, 1, 1)[:8200], tiny.labels.repeat(copies)[:8200])
+    draws = recorded_draws(monkeypatch)
+
+    epoch = augmented_epoch(train, recipe, torch.Generator().manual_seed(3))
+
+    assert [len(d["angle"]) for d in draws] == [AUGMENT_CHUNK, 8200 - AUGMENT_CHUNK]
+    expected = chunked_torchvision_epoch(train.images, recipe, seed=3, chunk=AUGMENT_CHUNK)
+    assert_warped_alike(epoch, expected, recipe.augment.interpolation,
+                        WARP_TOLERANCE / recipe.normalize.std)
     if recipe.channels_last:
         assert epoch.is_contiguous(memory_format=torch.channels_last)
 

@@ -439,9 +439,10 @@ def test_which_urls_name_one_database(first, second, same):
     assert search.same_database(first, second) is same
 
 
-@pytest.mark.slow
-def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, monkeypatch, capsys):
-    # The test files are not there at all while the study runs.
+@pytest.fixture(scope="module")
+def tiny_study(project) -> subprocess.CompletedProcess:
+    """`make search` of 4 trials (study tiny-study, preset tinybest) in `project`, with the
+    test files not there at all while it runs."""
     raw = project / "data/MNIST/raw"
     hidden = project / "hidden"
     hidden.mkdir()
@@ -452,6 +453,13 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
                          cwd=project, env=env(project), capture_output=True, text=True, timeout=600)
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         shutil.move(hidden / name, raw / name)
+    return out
+
+
+@pytest.mark.slow
+def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, tiny_study, monkeypatch,
+                                                                    capsys):
+    out = tiny_study
     assert out.returncode == 0, out.stdout + out.stderr
     assert "768 training and 256 validation images" in out.stdout
 
@@ -476,15 +484,6 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
         history = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert [m.value for m in history] == [v for _, v in sorted(found.trials[number].intermediate_values.items())]
         assert not client.get_metric_history(child.info.run_id, "test_accuracy")
-
-    # `mlflow ui` shows the study: its parent run in the search experiment's runs table.
-    if shutil.which("chromium"):
-        from tools.mlflow_ui import browser_page, mlflow_ui, runs_page
-
-        with mlflow_ui(f"sqlite:///{project / 'mlflow.db'}", project / "mlruns") as url, \
-                browser_page() as page:
-            page.goto(runs_page(url, parent.info.experiment_id))
-            page.get_by_text("tiny-study", exact=True).first.wait_for()
 
     # What the study tried, best first, as the report prints it.
     from tools.search_report import table
@@ -518,6 +517,21 @@ def test_a_study_never_reads_a_test_image_and_its_winner_is_a_preset(project, mo
             "tools.search: error: STUDY=tiny-study was started with other settings (budget: 3000, now 4000)")):
         search.main(search_cmd("--trials", "4", "--study", "tiny-study", "--budget", "4000",
                                "--preset", "tinybest")[3:])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="no chromium on PATH (.ci/run installs Debian's package)")
+def test_mlflow_ui_shows_the_study(project, tiny_study):
+    """`mlflow ui` shows the study: its parent run in the search experiment's runs table."""
+    from tools.mlflow_ui import browser_page, mlflow_ui, runs_page
+
+    assert tiny_study.returncode == 0, tiny_study.stdout + tiny_study.stderr
+    parent, _ = search_runs(project, "tiny-study")
+    with mlflow_ui(f"sqlite:///{project / 'mlflow.db'}", project / "mlruns") as url, \
+            browser_page() as page:
+        page.goto(runs_page(url, parent.info.experiment_id))
+        page.get_by_text("tiny-study", exact=True).first.wait_for()
 
 
 @pytest.mark.slow
