@@ -18,7 +18,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import yaml
 from filelock import FileLock
 
 from stages import mnist
+from tools.mlflow_ui import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -88,23 +88,6 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
             return response.status, json.load(response)
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
-
-
-def free_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    """Whether process `pid` still runs (a zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie has stopped; only its parent is gone
-        return stat.read().split(") ")[-1][0] != "Z"
 
 
 # --- params.yaml, composed as `dvc exp run -S ...` does ------------------------------------

@@ -24,7 +24,7 @@ import time
 import mlflow
 import pytest
 from mlflow import MlflowClient
-from helpers import BIN, REPO, alive, run, tiny_project
+from helpers import BIN, REPO, run, tiny_project
 
 from stages.tracking import MEMBERS_TAG, PARENT_TAG
 from tools.repeat_stats import group_stats
@@ -47,6 +47,7 @@ from tools.results_table import (
     summarize,
     verdict,
 )
+from tools.team import alive
 
 # --- bad input ---------------------------------------------------------------------------
 

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO
-from helpers import BIN, alive
+from helpers import BIN, REPO
 
 from tools.mlflow_ui import free_port, wait_until_up
+from tools.team import alive
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make on PATH")
 

@@ -23,10 +23,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import REPO
-from helpers import BIN, alive, tiny_project
+from helpers import BIN, REPO, tiny_project
 
 from tools.mlflow_ui import free_port, wait_until_up
+from tools.team import alive
 
 NAME = "mlflow.team.test"
 ADMIN_PASSWORD = "a team's secret, 31 characters"
