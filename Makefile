@@ -43,7 +43,7 @@ test-fast: setup  ## skip the tests marked slow
 	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile -m "not slow"
 
 ui: setup  ## MLflow UI on this repo's store, local only
-	@$(BIN)/python -c "from stages.tracking import ui_url; print('MLflow UI:', ui_url($(UI_PORT)))"
+	@$(BIN)/python -c "from mnistlab.tracking import ui_url; print('MLflow UI:', ui_url($(UI_PORT)))"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns --host 127.0.0.1 --port $(UI_PORT) --workers 1
 

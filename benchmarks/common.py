@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from stages.loop import start_training
+from mnistlab.loop import start_training
 
 
 def sync(device: torch.device) -> None:

@@ -5,7 +5,7 @@ and where its time goes.
                                                                  (`make bench-experiment`)
 
 It runs `dvc exp run --temp -f -n bench-<preset> -S preset=<preset> ...` with
-PIPELINE_TIMELINE set, so that every stage writes down its phases (stages/timing.py), and
+PIPELINE_TIMELINE set, so that every stage writes down its phases (mnistlab/timing.py), and
 reads them back: each stage's start-up and imports, params and data, the training loop,
 reports and figures, MLflow logging and log_model. What is left of the wall clock is DVC's
 own work: composing params.yaml, hashing, committing the experiment, and starting each
@@ -28,8 +28,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from stages.executables import child_env
-from stages.timing import TIMELINE
+from mnistlab.executables import child_env
+from mnistlab.timing import TIMELINE
 from tools import doc_blocks
 
 LOOP_PHASES = ("training loop (with each epoch's checkpoint and metrics)", "test pass")
@@ -79,9 +79,9 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true",
                         help="write the table into docs/performance.md")
     args = parser.parse_args()
-    from stages.device import describe, resolve_device
-    from stages.params import compose, parse_params
-    from stages.tracking import connect
+    from mnistlab.runtime import describe, resolve_device
+    from mnistlab.config import compose, parse_params
+    from mnistlab.tracking import connect
 
     params = parse_params(compose(args.preset, args.set))
     device = describe(resolve_device(params.train.device))

@@ -30,12 +30,13 @@ from unittest import mock
 import mlflow
 import torch
 
-from stages import tracking
-from stages.executables import bin_dir, child_env
-from stages.files import write_atomic, write_csv
-from stages.model import build_model
-from stages.params import load_params
-from stages.train import METRIC_NAMES, TRAIN_METRICS_FILE
+from mnistlab import tracking
+from mnistlab.executables import bin_dir, child_env
+from mnistlab.files import write_atomic, write_csv
+from mnistlab.model import build_model
+from mnistlab.config import load_params
+from mnistlab.paths import TRAIN_METRICS_FILE
+from stages.train import METRIC_NAMES
 from tools import doc_blocks
 
 # I3's steady epoch (train + test) on an H100: 0.28-0.30 s in `python -m

@@ -6,7 +6,7 @@ ones, through the same preparation (tools.predict.mnist_like) and the same model
     python -m benchmarks.photo_digits --model runs:/<run id>/model   (or models:/mnist-cnn@champion)
     python -m benchmarks.photo_digits --count 100 --seed 0 --out /tmp/photos
 
-Takes the first `--count` MNIST TEST digits (data/MNIST/raw/t10k-*, read by stages.data) and
+Takes the first `--count` MNIST TEST digits (data/MNIST/raw/t10k-*, read by mnistlab.data) and
 writes each twice to `--out` (a new temporary folder by default): as the 28 x 28 MNIST file it
 is (`<i>-clean.png`), and as a phone photo of it (`<i>-photo-<label>.jpg`): dark ink on light
 paper lit unevenly (a gradient and a vignette), placed off-centre on a 160 x 120 page, blurred
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.paths import MODEL_FILE
+from mnistlab.paths import MODEL_FILE
 from tools.predict import ImageError, mnist_like
 
 PAGE = (120, 160)  # height, width of the photographed page, pixels
@@ -111,8 +111,8 @@ def classifier(model: str | None):
     if Path(model).is_file():
         import torch
 
-        from stages.evaluate import ModelFileError, load_model
-        from stages.model import PixelClassifier
+        from mnistlab.checkpoint import ModelFileError, load_model
+        from mnistlab.model import PixelClassifier
 
         try:
             network, params, _ = load_model(Path(model))
@@ -128,7 +128,7 @@ def classifier(model: str | None):
 
     import mlflow
 
-    from stages import tracking
+    from mnistlab import tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{MODEL_FILE} or an MLflow model URI (runs:/<id>/model, "
                      f"models:/<name>@<alias>)")
 
-    from stages.data import DataError, load_split
+    from mnistlab.data import DataError, load_split
 
     run = classifier(args.model)  # a bad model is refused before any image is written
     try:

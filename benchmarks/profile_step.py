@@ -2,7 +2,7 @@
 
     python -m benchmarks.profile_step [--device auto] [--steps 20] [--readme]
 
-Runs params.yaml's model and recipe through stages.loop.train_one_epoch (as the train stage
+Runs params.yaml's model and recipe through mnistlab.loop.train_one_epoch (as the train stage
 does) for a few warm-up steps, then profiles `--steps` more and sums the operators' own
 time into a few kinds (convolutions, BatchNorm, dropout masks, ...). The profiler adds its
 own overhead, so read the shares, not the absolute milliseconds.
@@ -17,10 +17,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import fresh_training
-from stages.data import Split, load_split
-from stages.device import configure, describe, resolve_device, resolve_precision
-from stages.loop import train_one_epoch, training_forward
-from stages.params import load_params
+from mnistlab.data import Split, load_split
+from mnistlab import runtime
+from mnistlab.runtime import describe
+from mnistlab.loop import train_one_epoch, training_forward
+from mnistlab.config import load_params
 from tools import doc_blocks
 
 # Operator-name fragments -> the kind of work they are; the first match wins.
@@ -78,9 +79,8 @@ def main() -> None:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 
     params = load_params()
-    device = resolve_device(args.device)
-    configure(device, params.train.cudnn_benchmark)
-    dtype = resolve_precision(params.train.precision, device)
+    setup = runtime.setup(args.device, params.train.precision, params.train.cudnn_benchmark)
+    device, dtype = setup.device, setup.dtype
     train = load_split(train=True, device=device)
     if (args.steps + 3) * params.train.batch_size > len(train):
         parser.error(f"--steps {args.steps}: the training set holds only "

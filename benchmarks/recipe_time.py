@@ -4,7 +4,7 @@
 
 Each preset is composed as `dvc exp run -S preset=NAME` composes it (conf/config.yaml, then
 conf/preset/NAME.yaml on top) and trained from scratch with the train stage's own epoch loop
-(`stages.loop.TrainingRun`: every epoch trains on the whole training set and then tests on
+(`mnistlab.loop.TrainingRun`: every epoch trains on the whole training set and then tests on
 the whole test set). The time is the training loop's wall clock, from building the model to
 the end of the last epoch's test, CUDA graph capture and cuDNN's kernel search included.
 Left out: process start, loading MNIST onto the device, and the stage's per-epoch writes
@@ -20,11 +20,12 @@ import time
 import torch
 
 from benchmarks.common import sync
-from stages.data import load_split
-from stages.device import configure, describe, resolve_device, resolve_precision
-from stages.loop import TARGET_ACCURACY, TrainingRun, time_to_accuracy
-from stages.model import count_parameters
-from stages.params import Params, ParamsError, compose, parse_params
+from mnistlab.data import load_split
+from mnistlab import runtime
+from mnistlab.runtime import describe, resolve_precision
+from mnistlab.loop import TARGET_ACCURACY, TrainingRun, time_to_accuracy
+from mnistlab.model import count_parameters
+from mnistlab.config import Params, ParamsError, compose, parse_params
 from tools import doc_blocks
 from tools.results_table import reported as reported_figures
 
@@ -76,9 +77,9 @@ def main() -> None:
         presets = {name: parse_params(compose(name, overrides=args.set)) for name in args.presets}
     except ParamsError as err:
         raise SystemExit(f"benchmarks.recipe_time: error: {err}") from None
-    device = resolve_device(args.device)
     first = next(iter(presets.values())).train  # process-wide settings: --set applies to all
-    configure(device, first.cudnn_benchmark)
+    # Each preset's own precision is resolved when it trains (time_recipe).
+    device = runtime.setup(args.device, first.precision, first.cudnn_benchmark).device
     train = load_split(train=True, limit=first.limit_train, device=device)
     test = load_split(train=False, limit=first.limit_test, device=device)
 

@@ -9,7 +9,7 @@ benchmarks/train_throughput.py:
 
   sources' way  torchvision MNIST, per-sample RandomAffine/ToTensor/Normalize, DataLoader,
                 fp32, NCHW
-  project       stages.loop.train_one_epoch as the train stage runs it (batched affine warps
+  project       mnistlab.loop.train_one_epoch as the train stage runs it (batched affine warps
                 on the device, channels_last, autocast per `train.precision`)
 
 and scores both final models with the same test-set evaluation. The noise yardstick is the
@@ -30,17 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import fork_safe, sources_loader
-from stages.data import load_split, steps_per_epoch
-from stages.device import configure, describe, resolve_device, resolve_precision
-from stages.loop import (
+from mnistlab.data import load_split, steps_per_epoch
+from mnistlab import runtime
+from mnistlab.runtime import describe
+from mnistlab.loop import (
     make_optimizer,
     make_scheduler,
     predict_split,
     train_one_epoch,
     training_forward,
 )
-from stages.model import build_model
-from stages.params import load_params
+from mnistlab.model import build_model
+from mnistlab.config import load_params
 from tools import doc_blocks
 
 PATHS = ("sources' way", "project")
@@ -117,9 +118,8 @@ def main() -> None:
     if args.epochs:
         params = params.model_copy(update={"train": params.train.model_copy(
             update={"epochs": args.epochs})})
-    device = resolve_device(args.device)
-    configure(device, params.train.cudnn_benchmark)
-    dtype = resolve_precision(params.train.precision, device)
+    setup = runtime.setup(args.device, params.train.precision, params.train.cudnn_benchmark)
+    device, dtype = setup.device, setup.dtype
     train = load_split(train=True, device=device)
     test = load_split(train=False, device=device)
 

@@ -7,7 +7,7 @@ optimiser (SGD Nesterov + OneCycle) and augmentation (RandomAffine 10 deg, 5 %, 
 
   sources' way  torchvision MNIST + per-sample RandomAffine/ToTensor/Normalize in a
                 DataLoader with worker processes, NCHW fp32 (what the sources' notebooks do)
-  project       stages.loop.train_one_epoch, exactly as the train stage calls it: data held
+  project       mnistlab.loop.train_one_epoch, exactly as the train stage calls it: data held
                 on the device, batched affine warps, channels_last, autocast per `precision`
 
 Paths run interleaved (A, B, A, B, ...) and the median is reported, because shared
@@ -32,23 +32,17 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import fork_safe, fresh_training, sources_loader, sync
-from stages.data import Split, load_split
-from stages.device import (
-    configure,
-    cpu_flags,
-    cpu_has_fast_bf16,
-    describe,
-    resolve_device,
-    resolve_precision,
-)
-from stages.loop import (
+from mnistlab.data import Split, load_split
+from mnistlab import runtime
+from mnistlab.runtime import cpu_flags, cpu_has_fast_bf16, describe
+from mnistlab.loop import (
     make_optimizer,
     make_scheduler,
     train_one_epoch,
     training_forward,
 )
-from stages.model import build_model
-from stages.params import load_params
+from mnistlab.model import build_model
+from mnistlab.config import load_params
 from tools import doc_blocks
 
 EPOCH_IMAGES = 60_000
@@ -130,7 +124,7 @@ def sources_way(params, device: torch.device, steps: int, workers: int) -> dict:
 
 def project_way(params, device: torch.device, train: Split, steps: int,
                 dtype: torch.dtype, compile_model: bool = False) -> dict:
-    """stages.loop.train_one_epoch on the first `steps` batches, as the train stage runs it
+    """mnistlab.loop.train_one_epoch on the first `steps` batches, as the train stage runs it
     (with `compile_model`, on the torch.compile'd model: a lever the stage does not use)."""
     bs = params.train.batch_size
     subset = Split(images=train.images[: (steps + 3) * bs], labels=train.labels[: (steps + 3) * bs])
@@ -158,7 +152,7 @@ def project_way(params, device: torch.device, train: Split, steps: int,
 
 @contextmanager
 def denormals_kept():
-    """Denormal floats computed in full, not flushed to zero as stages.device.configure sets."""
+    """Denormal floats computed in full, not flushed to zero as mnistlab.runtime.configure sets."""
     torch.set_flush_denormal(False)
     try:
         yield
@@ -215,7 +209,7 @@ def main() -> None:
                         help="add a row: the project path on the torch.compile'd model")
     parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
                         help="CPU: keep freed memory in the process, as the stages do "
-                             "(stages.device.keep_freed_memory), or glibc's defaults; "
+                             "(mnistlab.runtime.keep_freed_memory), or glibc's defaults; "
                              "process-wide, so it applies to every row")
     parser.add_argument("--attempts", action="store_true",
                         help="CPU: add a row for each lever of CPU_ATTEMPTS, kept or not")
@@ -224,9 +218,9 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params()
-    device = resolve_device(args.device)
-    configure(device, params.train.cudnn_benchmark, keep_memory=args.malloc == "keep")
-    auto_dtype = resolve_precision(params.train.precision, device)
+    setup = runtime.setup(args.device, params.train.precision, params.train.cudnn_benchmark,
+                          keep_memory=args.malloc == "keep")
+    device, auto_dtype = setup.device, setup.dtype
     train = load_split(train=True, device=device)
     flops = flops_per_image(params, device)
 

@@ -33,7 +33,7 @@ def tiny_mnist(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def denormal_floats_back():
-    """stages.device.configure flushes denormal floats to zero for the whole process (a CPU
+    """mnistlab.runtime.configure flushes denormal floats to zero for the whole process (a CPU
     speed setting of the stages); after a test that ran a stage's code in this process,
     the next test (hypothesis checks that such floats exist) gets an ordinary process."""
     yield

@@ -32,7 +32,7 @@ import pytest
 import yaml
 from filelock import FileLock
 
-from stages import mnist
+from mnistlab import mnist
 from tools.mlflow_ui import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def tiny_project(dest: Path) -> Path:
 def make_project(dest: Path, n_train: int = 512, n_test: int = 128, **train) -> Path:
     """stages/, conf/ and params.yaml from the repo, a synthetic MNIST, and tiny CPU training params
     (any `train` keyword overrides one of them, even with a value the stage must refuse)."""
-    for folder in ("stages", "conf"):  # conf/preset/ names the presets params.yaml may name
+    for folder in ("mnistlab", "stages", "conf"):  # conf/preset/ names the presets params.yaml may name
         shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(mirrors=[], pypi_fallback=False, timeout_s=1, verify_md5=False)
@@ -332,7 +332,7 @@ def serving(root: Path, tracking_uri: str):
 
 # --- torchvision's own affine warp, one image at a time --------------------------------------
 
-# torchvision builds its sampling grid in float32, stages.data.affine_theta in float64: the
+# torchvision builds its sampling grid in float32, mnistlab.data.affine_theta in float64: the
 # grid points differ by ~1e-6 pixel. Bilinear resampling is continuous in the grid point, so a
 # [0, 1] pixel moves by at most that much times its neighbours' difference (<= 1): every pixel
 # agrees within WARP_TOLERANCE (measured: 3.4e-6 at most). Nearest resampling rounds the grid
@@ -345,7 +345,7 @@ NEAREST_FLIPS = 1e-3
 
 def torchvision_affine(images, params: dict, interpolation: str):
     """images [N, C, H, W], each warped by torchvision.transforms.functional.affine with its
-    own parameters from `params` (as stages.data.sample_affine returns them)."""
+    own parameters from `params` (as mnistlab.data.sample_affine returns them)."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF

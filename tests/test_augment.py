@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import stages.data
+import mnistlab.data
 from helpers import WARP_TOLERANCE, assert_warped_alike, synthetic_digits, torchvision_affine
-from stages.data import random_affine, sample_affine
-from stages.params import Augment
+from mnistlab.data import random_affine, sample_affine
+from mnistlab.config import Augment
 
 NO_AUGMENTATION = {"degrees": 0.0, "translate": 0.0, "scale": (1.0, 1.0), "shear": 0.0,
                    "interpolation": "bilinear"}
@@ -37,7 +37,7 @@ def given_draws(monkeypatch, cases) -> dict[str, torch.Tensor]:
         assert n == len(cases)
         return params
 
-    monkeypatch.setattr(stages.data, "sample_affine", sample)
+    monkeypatch.setattr(mnistlab.data, "sample_affine", sample)
     return params
 
 

@@ -2,9 +2,9 @@
 torchvision.
 
 * models/model.pt: garbage bytes, a truncated real checkpoint, a checkpoint missing a key,
-  foreign contents -> `stages.evaluate.ModelFileError` naming the path.
+  foreign contents -> `mnistlab.checkpoint.ModelFileError` naming the path.
 * MNIST IDX files: a wrong magic number, a wrong declared count, a short file, labels that
-  do not match the images, a missing directory -> `stages.data.DataError` naming the data
+  do not match the images, a missing directory -> `mnistlab.data.DataError` naming the data
   directory and saying to run the download stage.
 
 """
@@ -21,11 +21,11 @@ import pytest
 import torch
 import yaml
 
-from stages.data import DataError, load_split
-from stages.evaluate import ModelFileError, load_model
-from stages.model import build_model
-from stages.params import parse_params
-from stages.train import MODEL_FILE, save_model
+from mnistlab.data import DataError, load_split
+from mnistlab.checkpoint import ModelFileError, load_model
+from mnistlab.model import build_model
+from mnistlab.config import parse_params
+from mnistlab.checkpoint import MODEL_FILE, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x08 (uint8) then 3 or 1 dimensions
@@ -43,7 +43,7 @@ def tiny_params(layers: list[dict] = TINY_LAYERS) -> dict:
 
 @pytest.fixture
 def checkpoint(tmp_path, monkeypatch) -> Path:
-    """A real models/model.pt of a tiny model, written by `stages.train.save_model`."""
+    """A real models/model.pt of a tiny model, written by `mnistlab.checkpoint.save_model`."""
     monkeypatch.chdir(tmp_path)  # save_model writes to the relative models/model.pt
     params = parse_params(tiny_params())
     save_model(build_model(params.model), params, run_id="run-0123")

@@ -17,9 +17,9 @@ from benchmarks import (
     same_recipe,
     train_throughput,
 )
-from stages.data import load_split
-from stages.device import keep_freed_memory
-from stages.params import parse_params
+from mnistlab.data import load_split
+from mnistlab.runtime import keep_freed_memory
+from mnistlab.config import parse_params
 from tools import results_table
 
 
@@ -93,7 +93,7 @@ def test_keeping_freed_memory_applies_on_linux_glibc():
 
 def test_each_cpu_attempt_changes_its_setting_only_inside_its_row():
     """The `--attempts` rows measure what they name, and leave the next row as the stage runs."""
-    if not torch.set_flush_denormal(True):  # as stages.device.configure sets it on the CPU
+    if not torch.set_flush_denormal(True):  # as mnistlab.runtime.configure sets it on the CPU
         pytest.skip("this CPU cannot flush denormals")
     smallest_normal = torch.finfo(torch.float32).tiny
     with train_throughput.CPU_ATTEMPTS["project, fp32, denormals not flushed"]():
@@ -160,7 +160,7 @@ def test_the_experiment_split_accounts_for_every_second(tmp_path):
 
 
 def test_stage_laps_are_written_only_when_asked(tmp_path, monkeypatch):
-    from stages import timing
+    from mnistlab import timing
 
     monkeypatch.delenv(timing.TIMELINE, raising=False)
     timing.Laps("train")("start-up and imports")  # nothing to write to: nothing written
@@ -186,7 +186,7 @@ def test_an_experiment_starts_its_stages_python_from_this_environment_off_path(
     import yaml
 
     from benchmarks import experiment_time
-    from stages.timing import TIMELINE
+    from mnistlab.timing import TIMELINE
 
     project = tmp_path / "project"
     project.mkdir()

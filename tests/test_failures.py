@@ -43,9 +43,9 @@ from helpers import (
     tiny_project,
 )
 
-from stages.data import DataError, batch_indices, load_split, steps_per_epoch
-from stages.loop import TrainingRun
-from stages.params import ParamsError, load_params, parse_params
+from mnistlab.data import DataError, batch_indices, load_split, steps_per_epoch
+from mnistlab.loop import TrainingRun
+from mnistlab.config import ParamsError, load_params, parse_params
 
 TRAIN_OUTPUTS = ("models/model.pt", "reports/train_metrics.json", "reports/training_curves.csv")
 EVALUATE_OUTPUTS = ("reports/metrics.json", "reports/model_report.json",
@@ -257,11 +257,11 @@ def test_one_by_one_batchnorm_trains_when_the_last_batch_would_be_one(tiny_mnist
 
 @pytest.mark.bad_input
 def test_model_too_large_for_memory_is_refused_before_work():
-    from stages import validate
+    from mnistlab import plan
 
     huge = [{"conv": 1024, "kernel": 1, "padding": 28}] * 4
     with pytest.raises(ParamsError) as caught:
-        validate.check(_params(model__layers=huge, train__device="cpu"))
+        plan.check(_params(model__layers=huge, train__device="cpu"))
     message = str(caught.value)
     assert message.startswith("model.layers: training this model needs about ")
     assert "653,440,010 parameters" in message and "GiB" in message and "train.batch_size" in message
@@ -276,7 +276,7 @@ def test_preset_must_be_a_plain_name(preset):
 
 @pytest.mark.bad_input
 def test_preset_names_the_files_of_conf_preset(tmp_path):
-    from stages.params import check_preset
+    from mnistlab.config import check_preset
 
     (tmp_path / "I1.yaml").write_text("")
     (tmp_path / "I3.yaml").write_text("")
@@ -391,7 +391,7 @@ def test_train_stage_refuses_files_that_are_not_mnist(tmp_path):
     ("http://127.0.0.1:5000", False), ("https://mlflow.example.com", False),
 ])
 def test_artifacts_go_to_a_tracking_server_not_the_client_disk(uri, local, monkeypatch, tmp_path):
-    from stages.tracking import artifact_location
+    from mnistlab.tracking import artifact_location
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     expected = (tmp_path / "mlruns").as_uri() if local else None

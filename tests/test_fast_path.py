@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-import stages.data
-import stages.loop
-from stages.params import ParamsError, compose
-from stages.data import Split, load_split, normalize, sample_affine
-from stages.loop import (
+import mnistlab.data
+import mnistlab.loop
+from mnistlab.config import ParamsError, compose
+from mnistlab.data import Split, load_split, normalize, sample_affine
+from mnistlab.loop import (
     AUGMENT_CHUNK,
     TrainingRun,
     augmented_epoch,
@@ -23,7 +23,7 @@ from stages.loop import (
     start_training,
     training_forward,
 )
-from stages.params import parse_params
+from mnistlab.config import parse_params
 from helpers import WARP_TOLERANCE, assert_warped_alike, torchvision_affine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def recorded_draws(monkeypatch) -> list[dict[str, torch.Tensor]]:
         draws.append(sample_affine(*args, **kwargs))
         return draws[-1]
 
-    monkeypatch.setattr(stages.data, "sample_affine", sample)
+    monkeypatch.setattr(mnistlab.data, "sample_affine", sample)
     return draws
 
 
@@ -67,7 +67,7 @@ def test_epoch_augmentation_across_chunks_is_torchvision_affine_per_image(
         default_params, tiny_mnist, monkeypatch, interpolation):
     """12 images in chunks of 5: the second and third chunks draw on where the first left
     the generator, and every image is warped as torchvision warps it with its parameters."""
-    monkeypatch.setattr(stages.loop, "AUGMENT_CHUNK", 5)
+    monkeypatch.setattr(mnistlab.loop, "AUGMENT_CHUNK", 5)
     augment = {"degrees": 25.0, "translate": 0.1, "scale": [0.9, 1.1], "shear": 15.0,
                "interpolation": interpolation}
     recipe = small_params(default_params, augment=augment).train

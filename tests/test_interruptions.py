@@ -162,7 +162,7 @@ def test_tracking_uri_credentials_are_never_printed(tmp_path):
 ], ids=["user and password", "token", "two URIs in a message", "sqlite", "@ in the query",
         "not a URI"])
 def test_redact_hides_uri_credentials(text, shown):
-    from stages.tracking import redact
+    from mnistlab.tracking import redact
 
     assert redact(text) == shown
 
@@ -196,7 +196,7 @@ def test_stages_starting_together_on_a_fresh_store_all_connect(tmp_path):
     process would create (and migrate) mlflow.db's tables, and without a lock around that
     first use they fail ("table alembic_version already exists")."""
     project = make_project(tmp_path / "project")
-    code = "from stages import tracking; print('experiment', tracking.connect())"
+    code = "from mnistlab import tracking; print('experiment', tracking.connect())"
     procs = [subprocess.Popen([str(PYTHON), "-c", code], cwd=project, env=stage_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(3)]

@@ -1,5 +1,5 @@
-"""Property tests of the architecture builder (stages/model.py) and its validation
-(stages/params.py), with hypothesis.
+"""Property tests of the architecture builder (mnistlab/model.py) and its validation
+(mnistlab/config.py), with hypothesis.
 
 Random layer lists (convs with random channels, kernels, paddings and BatchNorm/ReLU flags;
 transitions; max-pools; dropouts) under a random head, padding mode, bias and BatchNorm
@@ -33,10 +33,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch import nn
 
-from stages.evaluate import parameter_report
-from stages.mnist import IMAGE_SIZE, NUM_CLASSES
-from stages.model import build_model, count_parameters, feature_map_size
-from stages.params import Params, ParamsError, parse_params
+from mnistlab.report import parameter_report
+from mnistlab import geometry
+from mnistlab.mnist import IMAGE_SIZE, NUM_CLASSES
+from mnistlab.model import build_model, count_parameters, feature_map_size
+from mnistlab.config import Params, ParamsError, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 # Loaded once: hypothesis runs many examples per test, function-scoped fixtures would not reset.
@@ -152,7 +153,7 @@ def test_random_architecture_is_refused_clearly_or_builds_right(model_section):
     report = parameter_report(model, params)
     total = count_parameters(model)
     assert report["total_params"] == total
-    assert params.model.parameter_count() == total  # the shape walk counts what torch builds
+    assert geometry.parameter_count(params.model) == total  # the shape walk counts what torch builds
     assert sum(row["params"] for row in report["layers"]) == total
     assert report["trainable_params"] == total
     assert [row["name"] for row in report["layers"]] == [name for name, _ in model.named_children()]

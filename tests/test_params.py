@@ -1,4 +1,4 @@
-"""Tests for stages/params.py: every bad value is refused with a message that names the key,
+"""Tests for mnistlab/config.py: every bad value is refused with a message that names the key,
 the value and what is allowed; every shipped preset parses and has its documented size.
 
 The bad-value table starts from the repo's own params.yaml (fixture `default_params`) and
@@ -28,9 +28,10 @@ import yaml
 from dvc.utils.hydra import compose_and_dump
 from hydra.errors import HydraException
 
-from stages.device import resolve_device, resolve_precision
-from stages.model import build_model, count_parameters
-from stages.params import ParamsError, load_params, parse_params
+from mnistlab import geometry
+from mnistlab.runtime import resolve_device, resolve_precision
+from mnistlab.model import build_model, count_parameters
+from mnistlab.config import ParamsError, load_params, parse_params
 
 from helpers import CONF, PRESETS, REPO, compose
 
@@ -364,7 +365,7 @@ STAGES = ["validate", "download", pytest.param("train", marks=pytest.mark.slow),
 @pytest.mark.parametrize("kind", ["not UTF-8", "a directory", "empty"])
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_stage_on_a_bad_params_file_ends_with_one_line(tmp_path, stage, kind):
-    for folder in ("stages", "conf"):
+    for folder in ("mnistlab", "stages", "conf"):
         shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     make, problem = BAD_FILES[kind]
     make(tmp_path / "params.yaml")
@@ -377,7 +378,7 @@ def test_a_stage_on_a_bad_params_file_ends_with_one_line(tmp_path, stage, kind):
     assert line.startswith(f"{stage}: error: params.yaml {problem}; expected a"), line
     assert EXPECTED in line, line
     # Nothing written: no MLflow store, no data, no reports.
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["conf", "params.yaml", "stages"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["conf", "mnistlab", "params.yaml", "stages"]
 
 
 # --- devices -------------------------------------------------------------------------------
@@ -452,16 +453,16 @@ def test_gap_head_parameter_count(default_params):
                12 * 24 * 9 + 24 + 48, 24 * 24 * 9 + 24 + 48, 24 * 20 + 20, 0]
     fc, gap = parse_params(default_params).model, parse_params(
         with_change(default_params, "model.head", "gap")).model
-    assert [shape.params for shape in fc.walk()] == by_hand  # the shape walk, layer by layer
+    assert [shape.params for shape in geometry.walk(fc)] == by_hand  # the shape walk, layer by layer
     assert sum(by_hand) == 11_168
-    assert (fc.head_params(), gap.head_params()) == (20 * 7 * 7 * 10 + 10, 20 * 10 + 10)
-    assert fc.parameter_count() == n_params(default_params) == 20_978
-    assert gap.parameter_count() == n_params(with_change(default_params, "model.head", "gap")) == 11_378
+    assert (geometry.head_params(fc), geometry.head_params(gap)) == (20 * 7 * 7 * 10 + 10, 20 * 10 + 10)
+    assert geometry.parameter_count(fc) == n_params(default_params) == 20_978
+    assert geometry.parameter_count(gap) == n_params(with_change(default_params, "model.head", "gap")) == 11_378
 
 
 @pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_shape_walk_counts_what_torch_builds(presets, name):
-    assert parse_params(presets[name]).model.parameter_count() == PRESET_PARAMS[name]
+    assert geometry.parameter_count(parse_params(presets[name]).model) == PRESET_PARAMS[name]
 
 
 
@@ -471,7 +472,7 @@ GiB = 2**30
 
 
 def _memory(raw: dict) -> int:
-    from stages.params import training_memory_bytes
+    from mnistlab.geometry import training_memory_bytes
 
     return training_memory_bytes(parse_params(raw))
 
@@ -499,13 +500,13 @@ def test_a_batch_holds_no_more_images_than_there_are(default_params, changes, ba
 def test_a_large_batch_over_few_images_is_not_refused(default_params, monkeypatch):
     """batch_size 100,000 over 2,048 images trains in batches of 2,048: about 1.9 GiB, not the
     82 GiB of 100,000-image batches."""
-    from stages import validate
+    from mnistlab import plan
 
-    monkeypatch.setattr(validate, "host_memory_bytes", lambda: 8 * GiB)
+    monkeypatch.setattr(plan, "host_memory_bytes", lambda: 8 * GiB)
     raw = _changed(default_params, {"train.device": "cpu", "train.batch_size": 100_000,
                                     "train.limit_train": 2_048})
-    _, plan = validate.check(raw)
-    assert 1_500 < plan["memory_estimate_mib"] < 2_500, plan
+    _, checked = plan.check(raw)
+    assert 1_500 < checked["memory_estimate_mib"] < 2_500, checked
 
 
 @pytest.mark.bad_input
@@ -513,12 +514,12 @@ def test_a_batch_over_the_memory_is_still_refused(default_params, monkeypatch):
     """batch_size 100,000 over all 60,000 training images: 60,000 images of 110,152 floats,
     kept twice (output and gradient), 49.6 GiB. Beside the weights and the data (359 MiB),
     0.9 x 8 GiB holds batches of (7,730,941,132 - 376,655,648) // 881,216 = 8,345 images."""
-    from stages import validate
+    from mnistlab import plan
 
-    monkeypatch.setattr(validate, "host_memory_bytes", lambda: 8 * GiB)
+    monkeypatch.setattr(plan, "host_memory_bytes", lambda: 8 * GiB)
     raw = _changed(default_params, {"train.device": "cpu", "train.batch_size": 100_000})
     with pytest.raises(ParamsError) as caught:
-        validate.check(raw)
+        plan.check(raw)
     assert str(caught.value) == (
         "model.layers: training this model needs about 49.6 GiB (20,978 parameters, batches of "
         "60,000 images), more than the 8.0 GiB of this machine's memory; use fewer or narrower "
@@ -527,13 +528,13 @@ def test_a_batch_over_the_memory_is_still_refused(default_params, monkeypatch):
 
 @pytest.mark.bad_input
 def test_a_scoring_batch_over_the_memory_names_evaluate_batch_size(default_params, monkeypatch):
-    from stages import validate
+    from mnistlab import plan
 
-    monkeypatch.setattr(validate, "host_memory_bytes", lambda: 8 * GiB)
+    monkeypatch.setattr(plan, "host_memory_bytes", lambda: 8 * GiB)
     raw = _changed(default_params, {"train.device": "cpu", "train.validation": 20_000,
                                     "evaluate.batch_size": 100_000})
     with pytest.raises(ParamsError) as caught:
-        validate.check(raw)
+        plan.check(raw)
     message = str(caught.value)
     assert "batches of 20,000 images" in message, message
     assert message.endswith("or a smaller train.batch_size or evaluate.batch_size (batches of "
@@ -549,7 +550,7 @@ def _git_project(dest: Path) -> Path:
     for name in ("dvc.yaml", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, dest / name)
-    for folder in ("stages", "conf"):
+    for folder in ("mnistlab", "stages", "conf"):
         shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(mirrors=[], pypi_fallback=False)

@@ -76,7 +76,7 @@ def test_one_finished_mlflow_run_with_every_epoch(project):
 
 
 def test_logged_model_predicts_like_model_pt(project):
-    from stages.evaluate import load_model
+    from mnistlab.checkpoint import load_model
 
     (run_,) = runs(project)
     model, _, run_id = load_model(project / "models/model.pt")
@@ -155,7 +155,7 @@ def test_served_champion_classifies_raw_test_digits(project, server):
     assert probabilities.shape == (64, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
     # The same classes as models/model.pt on the same pixels, normalised as in training.
-    from stages.evaluate import load_model
+    from mnistlab.checkpoint import load_model
 
     model, _, _ = load_model(project / "models/model.pt")
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stages.model import PixelClassifier
+from mnistlab.model import PixelClassifier
 
 MEAN, STD = 0.1307, 0.3081
 

@@ -17,7 +17,7 @@ import torch
 from helpers import REPO
 from torch import nn
 
-from stages.model import PixelClassifier
+from mnistlab.model import PixelClassifier
 from tools.promote import ALIAS, REGISTERED_MODEL, PromoteError, promote
 
 
@@ -204,10 +204,10 @@ def evaluated_run(tmp_path, experiment: str, accuracy: float, bias: float,
                   mlflow_commit: str | None = None) -> str:
     """A run as the train and evaluate stages leave it: the params, the tags, MNIST as the
     dataset input, the test accuracy and the parameter report among the artifacts."""
-    from stages import tracking
-    from stages.evaluate import parameter_report, report_markdown
-    from stages.model import build_model
-    from stages.params import compose, parse_params
+    from mnistlab import lineage, tracking
+    from mnistlab.report import parameter_report, report_markdown
+    from mnistlab.model import build_model
+    from mnistlab.config import compose, parse_params
 
     run_id = logged_run(experiment, accuracy, bias)
     params = parse_params(compose("default"))
@@ -227,7 +227,7 @@ def evaluated_run(tmp_path, experiment: str, accuracy: float, bias: float,
         mlflow.set_tags({"device": "cpu (2 threads)", "preset": params.base.preset,
                          "git_commit": "a" * 40,
                          **({"mlflow.source.git.commit": mlflow_commit} if mlflow_commit else {})})
-        tracking.log_dataset(Path("data/MNIST/raw"), verified=True, lock_file=lock)
+        lineage.log_dataset(Path("data/MNIST/raw"), verified=True, lock_file=lock)
         for name in ("model_report.json", "model_report.md"):
             mlflow.log_artifact(str(reports / name), artifact_path="reports")
     return run_id

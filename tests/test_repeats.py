@@ -26,9 +26,10 @@ import pytest
 from mlflow import MlflowClient
 from helpers import BIN, REPO, run, tiny_project
 
-from stages.tracking import MEMBERS_TAG, PARENT_TAG
 from tools.repeat_stats import group_stats
 from tools.repeats import (
+    MEMBERS_TAG,
+    PARENT_TAG,
     aggregate,
     close_group,
     finished_repeats,
@@ -388,3 +389,24 @@ def test_two_presets_two_seeds_make_two_groups_of_two(tmp_path):
             if line.startswith(("| I1 ", "| I3 "))] == ["2", "2"]
     # (A rerun superseding a group: test_a_new_group_supersedes_its_presets_earlier_group_only.)
     mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("value", ["not json", "[1, 2]", '{"mlflow.parentRunId": 7}'])
+def test_run_tags_from_the_environment_that_are_not_string_tags_are_refused(monkeypatch, value):
+    """The train stage reads the repeats' grouping (and any caller's tags) from
+    PIPELINE_RUN_TAGS; a malformed value is refused naming it, before a run is opened."""
+    from mnistlab import tracking
+
+    monkeypatch.setenv(tracking.RUN_TAGS_ENV, value)
+    with pytest.raises(tracking.TrackingError, match=re.escape(f"{tracking.RUN_TAGS_ENV}={value!r}")):
+        tracking.caller_tags()
+
+
+def test_run_tags_from_the_environment_reach_the_run_tags(monkeypatch):
+    from mnistlab import tracking
+
+    monkeypatch.setenv(tracking.RUN_TAGS_ENV, json.dumps({"mlflow.parentRunId": "abc"}))
+    assert tracking.run_tags("cpu")["mlflow.parentRunId"] == "abc"
+    monkeypatch.delenv(tracking.RUN_TAGS_ENV)
+    assert "mlflow.parentRunId" not in tracking.run_tags("cpu")

@@ -32,8 +32,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from helpers import BIN, tiny_project
 
-from stages.model import build_model, count_parameters
-from stages.params import compose, parse_params
+from mnistlab import geometry
+from mnistlab.model import build_model, count_parameters
+from mnistlab.config import compose, parse_params
 from tools import search, search_space
 from tools.search_space import Layout, Range, SearchError, fit, load_space, smallest_model, widest
 
@@ -168,18 +169,18 @@ def test_every_model_is_the_widest_within_the_budget(layout, budget):
     model = fit(layout, budget, MODEL_BASE, exact=False)
     width = widest(layout, budget, MODEL_BASE)
     if model is None:  # only a layout over the budget at its narrowest
-        assert search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE).parameter_count() > budget
+        assert geometry.parameter_count(search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE)) > budget
         return
-    assert model.parameter_count() <= budget
+    assert geometry.parameter_count(model) <= budget
     # A hair wider and it is over: the budget is used, not just respected.
-    assert search_space.build_section(layout, width + 0.01, MODEL_BASE).parameter_count() > budget
+    assert geometry.parameter_count(search_space.build_section(layout, width + 0.01, MODEL_BASE)) > budget
 
 
 @settings(max_examples=15, deadline=None)
 @given(layout=layouts, budget=st.sampled_from([5_000, 8_000, 14_500]))
 def test_with_exact_every_model_has_exactly_the_budget(layout, budget):
     model = fit(layout, budget, MODEL_BASE, exact=True)
-    assert model is None or model.parameter_count() == budget
+    assert model is None or geometry.parameter_count(model) == budget
     if model is not None:  # and torch agrees with the shape walk
         assert search.built_parameter_count(parse_params({**compose(conf=REPO / "conf"),
                                                           "model": search.model_section(model)})) == budget
@@ -190,10 +191,10 @@ def test_an_unpadded_layout_can_end_with_convs_after_its_last_transition():
     layout = Layout((2,), growth=1.0, squeeze=1.0, head="gap", dropout=0.05, tail=4, padding="valid")
     model = search_space.build_section(layout, 12, MODEL_BASE)
     assert model.padding == "valid" and MODEL_BASE["padding"] == "same"
-    assert [(shape.channels, shape.size) for shape in model.walk()] == [
+    assert [(shape.channels, shape.size) for shape in geometry.walk(model)] == [
         (12, 26), (12, 24), (12, 12), (12, 12), (12, 10), (12, 8), (12, 6), (12, 4)]
     exact = fit(layout, 5_000, MODEL_BASE, exact=True)
-    assert exact.parameter_count() == 5_000 and exact.padding == "valid"
+    assert geometry.parameter_count(exact) == 5_000 and exact.padding == "valid"
     # Left out of a space, the two dimensions change nothing: the params' padding, no tail.
     plain = Layout((2, 2), 1.5, 0.5, "gap", 0.05)
     assert search_space.build_section(plain, 8, MODEL_BASE) == search_space.build_section(
@@ -210,7 +211,7 @@ def test_the_smallest_model_skips_unpadded_layouts_that_cannot_be_built(tmp_path
         Layout((1, 1, 1), 1.0, 0.4, "gap", 0.0, tail=2, padding="valid"), MODEL_BASE)
     least, layout = smallest_model(space, MODEL_BASE)
     assert (layout.convs, layout.tail, layout.padding) == ((1,), 2, "valid")
-    assert least == search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE).parameter_count()
+    assert least == geometry.parameter_count(search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE))
     # The shipped unpadded space: one block, then a tail, every layout of it builds.
     shipped = load_space("unpadded", REPO / "conf/search")
     assert all(search_space.unbuildable(Layout((convs,), 2.0, 1.0, "gap", 0.0, tail, "valid"),
@@ -222,7 +223,7 @@ def test_the_smallest_model_of_the_default_space():
     least, layout = smallest_model(load_space("default", REPO / "conf/search"), MODEL_BASE)
     # two blocks of one 2-channel conv, transitions to 1 channel, GAP onto 10 classes
     assert (layout.convs, layout.head) == ((1, 1), "gap")
-    assert least == search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE).parameter_count()
+    assert least == geometry.parameter_count(search_space.build_section(layout, search_space.MIN_WIDTH, MODEL_BASE))
 
 
 @pytest.mark.parametrize("trials, random_trials", [(3, 3), (8, 3), (12, 3), (20, 5), (40, 10), (200, 10)])
@@ -258,12 +259,12 @@ def test_a_trial_whose_worker_died_is_failed_and_its_place_freed(tmp_path, monke
 
 def run_one_untrainable_trial(tmp_path, monkeypatch, space: dict, budget: int, drawn: dict):
     """A worker's run of one enqueued trial that must never train: the trial and its MLflow run."""
-    import stages.loop
+    import mnistlab.loop
 
     def no_training(*args, **kwargs):
         raise AssertionError("a trial that should never train started training")
 
-    monkeypatch.setattr(stages.loop.TrainingRun, "start", no_training)
+    monkeypatch.setattr(mnistlab.loop.TrainingRun, "start", no_training)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     experiment_id = client.create_experiment("e")
@@ -398,7 +399,7 @@ def test_mlflows_own_database_is_refused_as_the_studys_storage(tmp_path, monkeyp
     would read the other's schema version as its own): refused before anything is created
     in it, and before any data is read, whether it is the tracking store this search logs
     to (the same file, however spelled) or any other store (a team server's)."""
-    from stages import data
+    from mnistlab import data
 
     def went_on(*args, **kwargs):
         raise AssertionError("the search went on past its storage check")

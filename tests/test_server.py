@@ -99,7 +99,7 @@ def test_dvc_exp_runs_land_on_the_server(server, tmp_path):
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
         assert model.metadata.signature is not None
     stored = [p.name for p in artifacts.rglob("*") if p.is_file()]
-    # One logged model per run, and inside it the exported network (stages/served_model.py).
+    # One logged model per run, and inside it the exported network (mnistlab/served_model.py).
     models = [p for p in artifacts.rglob("MLmodel") if p.parent.name != "network"]
     assert len(models) == len(names) and stored.count("metrics.json") == len(names)
     assert all((model.parent / "artifacts" / "network" / "MLmodel").is_file() for model in models)

@@ -1,4 +1,4 @@
-"""The model users get, as the train stage logs it (stages/served_model.py around `PixelClassifier`):
+"""The model users get, as the train stage logs it (mnistlab/served_model.py around `PixelClassifier`):
 raw pixels 0..255 in; anything that is not a pixel refused with a message (HTTP 400 from the
 server `make serve` starts, MlflowException from `predict`); images scaled to [0, 1] read as
 pixels. And `make serve` without a champion: one line, no traceback."""
@@ -18,8 +18,8 @@ from helpers import BIN, REPO, post, serving, synthetic_digits
 from mlflow.exceptions import MlflowException
 from torch import nn
 
-from stages.model import PixelClassifier
-from stages.params import Params
+from mnistlab.model import PixelClassifier
+from mnistlab.config import Params
 from tools.mlflow_ui import free_port
 
 NOT_PIXELS = [float("nan"), float("inf"), float("-inf"), -1e6, 1e308, 256.0, -1.0]
@@ -45,9 +45,9 @@ def blob_network() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
-    """The model as `stages.train.log_model` logs it, in a fresh sqlite store, its run
+    """The model as `mnistlab.export.log_model` logs it, in a fresh sqlite store, its run
     finished with a test accuracy (so `tools.promote` can make it the champion)."""
-    from stages.train import log_model
+    from mnistlab.export import log_model
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -15,9 +15,9 @@ import pytest
 from helpers import PRESETS, compose
 from torch import nn
 
-from stages.evaluate import suite_checks
-from stages.model import build_model
-from stages.params import parse_params
+from mnistlab.report import suite_checks
+from mnistlab.model import build_model
+from mnistlab.config import parse_params
 
 
 def readme000_suite(model: nn.Module) -> list[str]:

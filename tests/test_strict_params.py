@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from stages.params import ParamsError, compose, load_params, parse_params, preset_names
+from mnistlab.config import ParamsError, compose, load_params, parse_params, preset_names
 
 REPO = Path(__file__).resolve().parents[1]
 

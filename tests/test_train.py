@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from helpers import REPO
-from stages import loop
-from stages.data import load_split, steps_per_epoch
-from stages.loop import TrainingRun, make_optimizer, make_scheduler, time_to_accuracy
-from stages.mnist import TRAIN_IMAGES
-from stages.model import build_model
-from stages.params import compose, parse_params, preset_names
+from mnistlab import loop
+from mnistlab.data import load_split, steps_per_epoch
+from mnistlab.loop import TrainingRun, make_optimizer, make_scheduler, time_to_accuracy
+from mnistlab.mnist import TRAIN_IMAGES
+from mnistlab.model import build_model
+from mnistlab.config import compose, parse_params, preset_names
 
 
 def tiny_params(default_params: dict, **train) -> object:
@@ -121,7 +121,7 @@ def test_a_checkpoint_resumes_only_with_the_params_it_was_written_with(default_p
     """models/checkpoint.pt keeps every param but train.resume under the key "recipe", the key
     checkpoints written before carry too: the same params resume it, other params start afresh
     and the line says why."""
-    from stages.train import load_resumable
+    from mnistlab.checkpoint import load_resumable
 
     params = tiny_params(default_params, resume=True)
     snapshot = params.model_dump(mode="json")

@@ -9,9 +9,9 @@ from itertools import islice
 import pytest
 import torch
 
-from stages.data import DataError, load_split, load_training_data
-from stages.loop import TrainingRun
-from stages.params import parse_params
+from mnistlab.data import DataError, load_split, load_training_data
+from mnistlab.loop import TrainingRun
+from mnistlab.config import parse_params
 
 
 def tiny_params(default_params: dict, **train):

@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from stages.files import write_text
+from mnistlab.files import write_text
 
 DOCUMENTS = (Path("README.md"), Path("docs/performance.md"), Path("docs/search.md"),
              Path("docs/results.md"))

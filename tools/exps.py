@@ -36,7 +36,7 @@ OWN_COLUMNS = {"base.preset", "base.seed"}
 def preset_params(preset: str) -> dict[str, object]:
     """The params a preset composes to (`-S preset=NAME`), flattened like `dvc exp show`'s
     columns; {} for a name conf/preset/ does not have (a deleted preset)."""
-    from stages.params import ParamsError, compose
+    from mnistlab.config import ParamsError, compose
 
     try:
         return flatten(compose(preset))
@@ -101,7 +101,7 @@ def _cell(value: object, fmt: str) -> str:
 def table(rows: list[dict], width: int = WIDTH) -> list[str]:
     """Rows of experiment, state, COLUMNS and what differs, in at most `width` characters."""
     param_names = sorted({key for row in rows for key in row if "." in key
-                          and not key.startswith(("stages/", "conf/", "data/", "models/",
+                          and not key.startswith(("mnistlab/", "stages/", "conf/", "data/", "models/",
                                                   "reports/"))})
     header = ["experiment", "state", *(title for title, _, _ in COLUMNS), "set on top of the preset"]
     body = []

@@ -32,8 +32,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from stages import files
-from stages.executables import bin_dir, child_env
+from mnistlab import files
+from mnistlab.executables import bin_dir, child_env
 
 SCREENSHOT = Path("reports/ui/mlflow_compare.png")  # git-ignored (.gitignore)
 # Plotted when --metric is not given, those of them the runs logged: the per-epoch accuracy
@@ -217,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_out(args.out)
     import mlflow
 
-    from stages import tracking
+    from mnistlab import tracking
+    from tools.repeats import PARENT_TAG
 
     store = tracking.tracking_uri()
     mlflow.set_tracking_uri(store)
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=200, output_format="list")
     # Training runs, not the parents that group repeats (tools.repeats).
-    finished = [run for run in finished if tracking.PARENT_TAG not in run.data.tags][:args.runs]
+    finished = [run for run in finished if PARENT_TAG not in run.data.tags][:args.runs]
     if len(finished) < 2:
         sys.exit(f"mlflow_ui: error: at least 2 finished runs needed in {store}, found "
                  f"{len(finished)}: run `dvc repro` and a `dvc exp run` first")

@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from stages.executables import child_env
+from mnistlab.executables import child_env
 
 # Majors match the vega-lite specs DVC writes; the minors are whatever npm serves.
 PACKAGES = {"vega@5": "vega.min.js", "vega-lite@5": "vega-lite.min.js",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.mnist import IMAGE_SIZE
+from mnistlab.mnist import IMAGE_SIZE
 
 DEFAULT_MODEL = "models:/mnist-cnn@champion"
 DIGIT_BOX = 20  # MNIST's digits fit a 20 x 20 box inside the 28 x 28 image
@@ -236,7 +236,7 @@ def centred(digit: np.ndarray) -> np.ndarray:
 def predict_local(model_uri: str, images: np.ndarray) -> np.ndarray:
     import mlflow
 
-    from stages import tracking
+    from mnistlab import tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     return np.asarray(mlflow.pyfunc.load_model(model_uri).predict(images))

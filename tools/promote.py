@@ -32,8 +32,8 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from stages import tracking
-from stages.paths import MODEL_FILE, REPORT_JSON, REPORT_MD
+from mnistlab import tracking
+from mnistlab.paths import MODEL_FILE, REPORT_JSON, REPORT_MD
 
 REGISTERED_MODEL = "mnist-cnn"
 ALIAS = "champion"

@@ -31,10 +31,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages import tracking
-from stages.executables import child_env
-from stages.params import PRESETS_DIR, echo, preset_names
-from stages.tracking import MEMBERS_TAG, PARENT_TAG
+from mnistlab import tracking
+from mnistlab.executables import child_env
+from mnistlab.signals import raise_keyboard_interrupt
+from mnistlab.config import PRESETS_DIR, echo, preset_names
 from tools.repeat_stats import group_stats
 
 
@@ -42,6 +42,13 @@ from tools.repeat_stats import group_stats
 # own copy of the repo and its own trainer: beyond these a typo is far likelier than a plan.
 MAX_REPEATS = 1000
 MAX_JOBS = 64
+
+
+# A group is one parent run per preset, its repeats the children. The parent carries these
+# two tags: the preset, and the DVC experiment names it expects as children (a JSON list).
+# Each repeat's train stage is told its parent through tracking.RUN_TAGS_ENV.
+PARENT_TAG = "repeats_group"
+MEMBERS_TAG = "repeats_members"
 
 
 def experiment_name(preset: str, seed: int) -> str:
@@ -179,9 +186,11 @@ def experiment_command(name: str, overrides: Sequence[str]) -> list[str]:
             *[arg for item in overrides for arg in ("-S", item)]]
 
 
-def run_experiments(commands: dict[str, list[str]], jobs: int) -> list[str]:
-    """Run the commands, `jobs` at a time; the names of those that failed. On Ctrl-C or
-    SIGTERM the ones still running are stopped (each marks its MLflow run KILLED)."""
+def run_experiments(commands: dict[str, list[str]], jobs: int,
+                    envs: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Run the commands, `jobs` at a time, each with its `envs` entry added to the
+    environment; the names of those that failed. On Ctrl-C or SIGTERM the ones still
+    running are stopped (each marks its MLflow run KILLED)."""
     pending, running, failed = list(commands.items()), {}, []
     try:
         while pending or running:
@@ -189,7 +198,8 @@ def run_experiments(commands: dict[str, list[str]], jobs: int) -> list[str]:
                 name, command = pending.pop(0)
                 # Its own process group, so that a stop reaches the stage DVC runs as well
                 # (`dvc exp run` does not pass a SIGTERM on to it).
-                running[name] = subprocess.Popen(command, start_new_session=True, env=child_env())
+                running[name] = subprocess.Popen(command, start_new_session=True,
+                                                 env=child_env((envs or {}).get(name)))
             time.sleep(0.5)
             for name, process in list(running.items()):
                 if process.poll() is not None:
@@ -227,10 +237,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = {experiment_name(preset, seed): experiment_command(
                     experiment_name(preset, seed), [f"preset={preset}", f"base.seed={seed}", *args.set])
                 for preset in args.presets for seed in to_run[preset]}
+    # Each repeat's MLflow run becomes a child of its preset's parent run.
+    envs = {experiment_name(preset, seed): {tracking.RUN_TAGS_ENV: json.dumps(
+                {"mlflow.parentRunId": groups[preset]})}
+            for preset in args.presets for seed in to_run[preset]}
     stopped = None
-    signal.signal(signal.SIGTERM, tracking.raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
-        failed = run_experiments(commands, args.jobs)
+        failed = run_experiments(commands, args.jobs, envs)
         if failed:
             stopped = f"tools.repeats: {', '.join(failed)} failed"
     except KeyboardInterrupt as err:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.files import write_atomic, write_json
+from mnistlab.files import write_atomic, write_json
 from tools import doc_blocks
 from tools.repeat_stats import group_stats
 
@@ -165,7 +165,7 @@ def summarize(runs: list[Repeat]) -> dict:
 def preset_digest(preset: str) -> str:
     """A digest of the model and training params `dvc exp run -S preset=NAME` trains with
     (the random seed, which a group varies, is in `base`, not here)."""
-    from stages.params import compose
+    from mnistlab.config import compose
 
     params = compose(preset)
     recipe = json.dumps({"model": params["model"], "train": params["train"]}, sort_keys=True)
@@ -185,7 +185,7 @@ def record(ledger: dict[str, dict], groups: dict[str, list[Repeat]]) -> dict[str
 def changed_since(ledger: dict[str, dict]) -> set[str]:
     """The presets whose params differ from those their recorded group ran with (or that
     are gone)."""
-    from stages.params import ParamsError
+    from mnistlab.config import ParamsError
 
     def current(preset: str) -> str | None:
         try:

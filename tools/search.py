@@ -41,9 +41,11 @@ from typing import Any
 
 import yaml
 
-from stages import tracking
-from stages.mnist import TRAIN_IMAGES
-from stages.params import PRESETS_DIR, ConvLayer, Model, Params, ParamsError, compose, echo, parse_params
+from mnistlab import tracking
+from mnistlab.signals import raise_keyboard_interrupt, signals_deferred
+from mnistlab import geometry
+from mnistlab.mnist import TRAIN_IMAGES
+from mnistlab.config import PRESETS_DIR, ConvLayer, Model, Params, ParamsError, compose, echo, parse_params
 from tools.search_space import (
     MIN_WIDTH,
     Layout,
@@ -145,10 +147,10 @@ def model_section(model: Model) -> dict:
 
 
 def describe_trial(params: Params) -> str:
-    convs = [shape.channels for shape in params.model.walk() if isinstance(shape.layer, ConvLayer)]
+    convs = [shape.channels for shape in geometry.walk(params.model) if isinstance(shape.layer, ConvLayer)]
     recipe = params.train
     cycle = recipe.onecycle
-    return (f"{params.model.parameter_count():,} parameters, {params.model.head} head, convs "
+    return (f"{geometry.parameter_count(params.model):,} parameters, {params.model.head} head, convs "
             f"{convs}, lr {recipe.lr:.3g}, batch {recipe.batch_size}, rotation "
             f"{recipe.augment.degrees:.1f}, shift {recipe.augment.translate:.3f}, momentum "
             f"{recipe.momentum:.3g}{' Nesterov' if recipe.nesterov else ''}, weight decay "
@@ -165,12 +167,12 @@ class Worker:
     space: dict[str, Spec]
     base: dict
     trials: int
-    data: Any  # stages.data.TrainingData
+    data: Any  # mnistlab.data.TrainingData
     dtype: Any
     client: Any  # mlflow.MlflowClient
     experiment_id: str
     parent_id: str
-    device: str = "unknown device"  # as stages.device.describe names it, e.g. "cpu: AMD EPYC (2 threads)"
+    device: str = "unknown device"  # as mnistlab.runtime.describe names it, e.g. "cpu: AMD EPYC (2 threads)"
     running: int | None = None  # the trial number in progress, for the stop message
 
     def run(self) -> None:
@@ -183,7 +185,7 @@ class Worker:
             # half-done and the next write waiting on it. Only a training trial stops at once.
             trial = None
             try:
-                with tracking.signals_deferred():  # a Ctrl-C here is raised once it has a trial
+                with signals_deferred():  # a Ctrl-C here is raised once it has a trial
                     trial = self.next_trial()
                     self.running = None if trial is None else trial.number
                 if trial is None:
@@ -191,7 +193,7 @@ class Worker:
                 self.run_trial(trial)
             except BaseException:  # stopped before run_trial could say how: never left running
                 if trial is not None:
-                    with tracking.signals_deferred():
+                    with signals_deferred():
                         self.study.tell(trial, state=optuna.trial.TrialState.FAIL,
                                         skip_if_finished=True)
                 raise
@@ -224,10 +226,10 @@ class Worker:
         diverged) or failed."""
         import optuna
 
-        from stages.loop import TrainingDiverged
+        from mnistlab.loop import TrainingDiverged
 
         State = optuna.trial.TrialState
-        with tracking.signals_deferred():
+        with signals_deferred():
             run_id = self.client.create_run(
                 self.experiment_id, run_name=f"{self.study.study_name}-t{trial.number:03d}",
                 tags={"mlflow.parentRunId": self.parent_id, STUDY_TAG: self.study.study_name,
@@ -257,9 +259,9 @@ class Worker:
         """The trial's final-epoch validation accuracy; raises TrialPruned to stop it early."""
         import optuna
 
-        from stages.loop import TrainingRun
+        from mnistlab.loop import TrainingRun
 
-        with tracking.signals_deferred():
+        with signals_deferred():
             try:
                 raw = propose(trial, self.space, self.base, self.settings)
             except Unbuildable as why:  # no width fits its shapes: never built
@@ -283,7 +285,7 @@ class Worker:
                                 holdout_name=self.data.holdout_name)
         run.capture()
         for metrics in run.epochs():  # the only place a Ctrl-C stops the worker at once
-            with tracking.signals_deferred():
+            with signals_deferred():
                 self.report_epoch(trial, run_id, metrics, params.train.epochs)
         return run.history[-1]["val_accuracy"]
 
@@ -307,7 +309,7 @@ class Worker:
     def end_trial(self, trial, run_id: str, state, why: str, value: float | None = None,
                   status: str = "FINISHED") -> None:
         """Tell Optuna, then close the trial's MLflow run with the same state."""
-        with tracking.signals_deferred():
+        with signals_deferred():
             if value is None:
                 self.study.tell(trial, state=state)
             else:
@@ -320,7 +322,7 @@ class Worker:
     def summarize(self, status: str | None = None) -> dict:
         """The study so far, as the parent run's metrics; the parent ends when it is full
         and nothing runs (or with `status`, when this worker stops early)."""
-        with tracking.signals_deferred():
+        with signals_deferred():
             summary = study_summary(self.study)
             self.client.log_batch(self.parent_id, metrics=_metrics(summary))
             if not summary["n_running"] and (status or counted(self.study) >= self.trials):
@@ -350,10 +352,10 @@ def close_stale_trial(_study, trial) -> None:
 
 def built_parameter_count(params: Params) -> int:
     """The trial's model built in torch and counted: the check every trial passes first."""
-    from stages.model import build_model, count_parameters
+    from mnistlab.model import build_model, count_parameters
 
     count = count_parameters(build_model(params.model))
-    assert count == params.model.parameter_count(), "the shape walk and torch disagree"
+    assert count == geometry.parameter_count(params.model), "the shape walk and torch disagree"
     return count
 
 
@@ -417,7 +419,7 @@ def write_preset(preset: str, trial, defaults: dict, settings: Settings, study_n
     """conf/preset/<preset>.yaml: the winning trial's model and every recipe setting that
     differs from conf/config.yaml. Like every preset it trains on all the training images
     (no validation split)."""
-    from stages.files import write_atomic
+    from mnistlab.files import write_atomic
 
     params = trial.user_attrs["params"]
     train = changed({key: value for key, value in params["train"].items()
@@ -658,31 +660,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_storage(storage_url())
     except (SearchError, ParamsError) as err:
         sys.exit(f"{PROG}: error: {err}")
-    from stages.data import DataError, load_training_data
-    from stages.device import configure, describe, resolve_device, resolve_precision
+    from mnistlab.data import DataError, load_training_data
+    from mnistlab import runtime
 
     try:
-        device = resolve_device(base_params.train.device)
+        setup = runtime.setup(base_params.train.device, base_params.train.precision,
+                              base_params.train.cudnn_benchmark)
         recipe = base_params.train.model_copy(update={"validation": args.validation})
-        data = load_training_data(recipe, device, verify_md5=base_params.data.verify_md5)
+        data = load_training_data(recipe, setup.device, verify_md5=base_params.data.verify_md5)
         storage = open_storage(storage_url())
         experiment_id = tracking.connect(EXPERIMENT)
         study = open_study(storage, args, settings, space)
     except (SearchError, ParamsError, DataError, tracking.TrackingError) as err:
         sys.exit(f"{PROG}: error: {err}")
-    configure(device, base_params.train.cudnn_benchmark)
     client = tracking.client()
-    worker = Worker(study, settings, space, base, args.trials, data,
-                    resolve_precision(base_params.train.precision, device), client,
+    worker = Worker(study, settings, space, base, args.trials, data, setup.dtype, client,
                     experiment_id, parent_run(client, experiment_id, study, settings),
-                    describe(device))
+                    setup.name)
     print(f"{PROG}: study {args.study} ({counted(study)} of {args.trials} trials so far) in "
           f"{tracking.redact(storage_url())}; {len(data.train):,} training and "
           f"{len(data.holdout):,} validation images on {worker.device}; MLflow parent run "
           f"{worker.parent_id}", flush=True)
     # SIGINT too: a worker started in the background by a script inherits SIGINT ignored,
     # and Python then installs no Ctrl-C handler of its own, so `kill -INT` did nothing.
-    previous = {sig: signal.signal(sig, tracking.raise_keyboard_interrupt)
+    previous = {sig: signal.signal(sig, raise_keyboard_interrupt)
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         worker.run()

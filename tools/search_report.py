@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from stages.params import ConvLayer, TransitionLayer, parse_params
+from mnistlab.config import ConvLayer, TransitionLayer, parse_params
 from tools import doc_blocks
 from tools.search import open_storage, storage_url, study_summary
 from tools.search_space import LAYOUT_DIMENSIONS, OPTIONAL_LAYOUT_DIMENSIONS

@@ -5,7 +5,7 @@ A space file gives every dimension as a range, a list of choices or one fixed va
 layout (blocks of 3x3 convs, each ended by a transition and a dropout, then optionally a
 few more 3x3 convs, then the head) has no width of its own: `fit` gives it the widest
 channels within the budget, or exactly the budget, so a trial never trains a model the
-budget does not allow. No torch here: counting is the shape walk of stages.params.
+budget does not allow. No torch here: counting is the shape walk of mnistlab.config.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from stages.params import ConvLayer, Model, TransitionLayer, echo
+from mnistlab import geometry
+from mnistlab.config import ConvLayer, Model, TransitionLayer, echo
 
 SPACES_DIR = Path("conf/search")
 # The narrowest a layout is tried at (channels of its first conv): a layout over the budget
@@ -213,7 +214,7 @@ def widest(layout: Layout, budget: int, model_base: dict) -> float | None:
     whole-number width would stop at."""
     def fits(width: float) -> bool:
         try:
-            return build_section(layout, width, model_base).parameter_count() <= budget
+            return geometry.parameter_count(build_section(layout, width, model_base)) <= budget
         except ValueError:  # channels past what a layer may have (1,024): too wide anyway
             return False
 
@@ -260,7 +261,7 @@ def fill_exactly(model: Model, budget: int) -> Model | None:
             layers[index] = layers[index].model_copy(update={key: channels})
         else:
             moved = model.model_copy(update={"layers": tuple(layers)})
-            if moved.parameter_count() == budget:
+            if geometry.parameter_count(moved) == budget:
                 return Model.model_validate(moved.model_dump())
     return None
 
@@ -269,7 +270,7 @@ def smallest_model(space: dict[str, Spec], model_base: dict) -> tuple[int, Layou
     """The fewest parameters any trial of `space` can have, and its layout (None where the
     layout is fixed: every trial trains `model_base`)."""
     if space["layout"] == "fixed":
-        return Model.model_validate(model_base).parameter_count(), None
+        return geometry.parameter_count(Model.model_validate(model_base)), None
     tail = min(choices(space["tail_convs"])) if "tail_convs" in space else 0
     paddings = choices(space["padding"]) if "padding" in space else [None]
     layouts = [Layout((min(choices(space["convs_per_block"])),) * blocks,
@@ -280,7 +281,7 @@ def smallest_model(space: dict[str, Spec], model_base: dict) -> tuple[int, Layou
     # Unpadded convs can shrink some layouts' maps below a kernel; such layouts are pruned
     # when drawn, and a space is refused only when none of its smallest layouts builds.
     why = {layout: unbuildable(layout, model_base) for layout in layouts}
-    counted = [(build_section(layout, MIN_WIDTH, model_base).parameter_count(), layout)
+    counted = [(geometry.parameter_count(build_section(layout, MIN_WIDTH, model_base)), layout)
                for layout in layouts if why[layout] is None]
     if not counted:
         raise SearchError(f"the space's layout {layouts[0]} cannot be built: {why[layouts[0]]}")

@@ -6,7 +6,7 @@
 The command checks first that the model URI names a model (a registered model, the alias set
 on one of its versions), so that a missing champion is one line rather than a traceback from
 the server's start-up; then `mlflow models serve --env-manager local` takes its place. What
-the served model accepts is stages/served_model.py's to say.
+the served model accepts is mnistlab/served_model.py's to say.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ DEFAULT_MODEL = "models:/mnist-cnn@champion"
 
 def check_model(uri: str) -> None:
     """Stop with one line unless `uri` names a model that the tracking store can give."""
-    from stages import tracking
+    from mnistlab import tracking
 
     store = tracking.tracking_uri()
     database = store.removeprefix("sqlite:///")
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5001)
     args = parser.parse_args(argv)
 
-    from stages import tracking
+    from mnistlab import tracking
 
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()  # also for the server
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

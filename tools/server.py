@@ -36,9 +36,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages.files import write_atomic
-from stages.params import echo
-from stages.tracking import redact
+from mnistlab.files import write_atomic
+from mnistlab.config import echo
+from mnistlab.tracking import redact
 
 PROG = "tools.server"
 # The databases MLflow's tracking store runs on (mlflow.store.db.db_types), each with an

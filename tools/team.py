@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages.tracking import redact
+from mnistlab.tracking import redact
 from tools import server
 
 PROG = "tools.team"

@@ -9,7 +9,8 @@ from pathlib import Path
 IMAGE_SIZE = 28  # 1 x 28 x 28 in, 10 classes out
 IN_CHANNELS = 1
 NUM_CLASSES = 10
-TRAIN_IMAGES = 60_000  # in MNIST's training files (the test files hold 10,000)
+TRAIN_IMAGES = 60_000  # in MNIST's training files
+TEST_IMAGES = 10_000  # in MNIST's test files
 
 DATA_ROOT = Path("data")  # torchvision's `MNIST(root="data")` reads DATA_ROOT/MNIST/raw
 RAW_DIR = DATA_ROOT / "MNIST" / "raw"

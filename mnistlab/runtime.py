@@ -1,15 +1,38 @@
-"""Where and in what precision to train: one place that decides, and says what it chose."""
+"""Where and in what precision to train: one place that decides, and says what it chose.
+
+Every caller that trains or scores (the train and evaluate stages, the search, the
+benchmarks) starts with `setup`, which resolves the device, sets the process-wide settings
+for it and picks the autocast precision, once, in that order.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from stages.host import host_memory_bytes
-from stages.params import ParamsError
+from mnistlab.host import host_memory_bytes
+from mnistlab.config import ParamsError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype; weights are always kept in fp32
+    name: str           # the device as reports and MLflow name it: `describe(device)`
+
+
+def setup(device: str, precision: str = "auto", cudnn_benchmark: bool = False,
+          keep_memory: bool = True) -> Runtime:
+    """Resolve `device` (train.device: auto, cpu, cuda, mps), configure the process for it,
+    and resolve `precision` (train.precision) on it. A device this machine lacks is a
+    ParamsError naming the ones it has."""
+    resolved = resolve_device(device)
+    configure(resolved, cudnn_benchmark, keep_memory)
+    return Runtime(resolved, resolve_precision(precision, resolved), describe(resolved))
 
 
 def available_devices() -> list[str]:

@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages import mnist
-from stages.files import md5_of_file
-from stages.mnist import (
+from mnistlab import mnist
+from mnistlab.files import md5_of_file
+from mnistlab.mnist import (
     DATA_ROOT,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
     IMAGE_SIZE,
     NUM_CLASSES,
 )
-from stages.params import Augment, Normalize, Train
+from mnistlab.config import Augment, Normalize, Train
 
 
 class DataError(RuntimeError):

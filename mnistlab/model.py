@@ -11,8 +11,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from stages.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES
-from stages.params import (
+from mnistlab import geometry
+from mnistlab.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES
+from mnistlab.config import (
     ConvLayer,
     Dropout2dLayer,
     DropoutLayer,
@@ -24,7 +25,7 @@ from stages.params import (
 
 def build_model(spec: Model, inplace_relu: bool = True) -> nn.Sequential:
     """Layers named conv1, bn1, relu1, pool1, ... so reports and state dicts read clearly.
-    Shapes come from `spec.walk()`, the same walk that validated them. Each ReLU overwrites
+    Shapes come from `geometry.walk(spec)`, the same walk that validated them. Each ReLU overwrites
     its input (no conv or BatchNorm backward reads its own output, so autograd allows it),
     which saves a tensor's allocation and write per ReLU; `inplace_relu=False` builds the
     sources' plain `nn.ReLU()` for the benchmark of their way."""
@@ -35,12 +36,12 @@ def build_model(spec: Model, inplace_relu: bool = True) -> nn.Sequential:
         counts[kind] = counts.get(kind, 0) + 1
         layers[f"{kind}{counts[kind]}"] = module
 
-    shapes = spec.walk()
+    shapes = geometry.walk(spec)
     for shape in shapes:
         layer = shape.layer
         if isinstance(layer, ConvLayer):
             add("conv", nn.Conv2d(shape.in_channels, shape.channels, layer.kernel,
-                                  padding=spec.conv_padding(layer), bias=spec.bias))
+                                  padding=geometry.conv_padding(spec, layer), bias=spec.bias))
             after = {"bn": shape.batchnorm, "relu": layer.relu}
             for kind in ("relu", "bn") if spec.order == "relu_bn" else ("bn", "relu"):
                 if after[kind]:
@@ -93,7 +94,7 @@ class PixelClassifier(nn.Module):
 
 def feature_map_size(spec: Model) -> int:
     """Side of the last feature map for a 28x28 input."""
-    return spec.walk()[-1].size
+    return geometry.walk(spec)[-1].size
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

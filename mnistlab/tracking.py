@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,12 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
+from mnistlab.signals import raise_keyboard_interrupt
+
 EXPERIMENT_NAME = "mnist-cnn"
-# A preset repeated with several random seeds (tools/repeats.py) is one parent run with the
-# repeats as children. The parent carries these two tags: the preset, and the DVC experiment
-# names it expects as children (a JSON list).
-PARENT_TAG = "repeats_group"
-MEMBERS_TAG = "repeats_members"
+# Tags a caller wants on the run the train stage opens, as a JSON object in this variable
+# (the repeats tool passes {"mlflow.parentRunId": ...} to group a preset's repeats).
+RUN_TAGS_ENV = "PIPELINE_RUN_TAGS"
 
 
 class TrackingError(RuntimeError):
@@ -152,13 +151,29 @@ def run_name(preset: str | None = None) -> str | None:
 def run_tags(device: str, extra: Mapping[str, str] = {}) -> dict[str, str]:
     import torch
 
-    tags = {"device": device, "torch_version": torch.__version__, **extra}
+    tags = {"device": device, "torch_version": torch.__version__, **extra, **caller_tags()}
     commit = _git_commit()
     if commit:
         tags["git_commit"] = commit
     for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
+    return tags
+
+
+def caller_tags() -> dict[str, str]:
+    """The tags of RUN_TAGS_ENV; a value that is not a JSON object of strings is an error
+    that names it, before any run is opened."""
+    text = os.environ.get(RUN_TAGS_ENV)
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except json.JSONDecodeError:
+        tags = None
+    if not (isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values())):
+        raise TrackingError(f"{RUN_TAGS_ENV}={text[:200]!r} is not a JSON object of string "
+                            f"tags, e.g. {{\"team\": \"vision\"}}")
     return tags
 
 
@@ -190,7 +205,7 @@ def run_status(run_id: str) -> Iterator[None]:
     """Keep the run active while the block runs, and end it with the status it earned:
     FINISHED, FAILED on an error, KILLED on Ctrl-C or SIGTERM. Never left RUNNING, and
     metrics logged with `synchronous=False` are all stored before it ends."""
-    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # Ctrl-C's path
     # System metrics (CPU, memory, disk; the GPU where nvidia-ml-py is installed) every 10 s,
     # without the monitor's own start and stop lines in the stage's log.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
@@ -223,88 +238,15 @@ def _end_run(status: int) -> None:
                 mlflow.end_run(RunStatus.to_string(status))
 
 
-def raise_keyboard_interrupt(signum: int, _frame: object) -> None:
-    """A signal handler: SIGTERM stops like Ctrl-C, so the same `finally` blocks run."""
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block has run, then stop as they asked.
-
-    For the few writes that make an epoch "saved" (checkpoint, MLflow metrics, curves): a
-    stop between them would leave them disagreeing, e.g. MLflow holding an epoch the
-    checkpoint does not, which a resumed run would then log twice.
-    """
-    received: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
-                for sig in held}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if signal.SIGTERM in received:
-        raise KeyboardInterrupt("stopped by signal SIGTERM")
-    if received:  # Ctrl-C, held until the block ended: reported as Ctrl-C
-        raise KeyboardInterrupt
-
-
 def client() -> mlflow.MlflowClient:
     return mlflow.MlflowClient()
 
 
 def new_run(experiment_id: str, tags: Mapping[str, str]) -> str:
-    """Create a run (not yet active) and return its id; a repeat of a preset becomes a child
-    of its group's parent run."""
-    tags = dict(tags)
-    parent = group_parent(experiment_id, tags.get("preset", ""), run_name())
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = client().create_run(experiment_id, run_name=run_name(tags.get("preset")), tags=tags)
+    """Create a run (not yet active) and return its id. A `mlflow.parentRunId` tag makes it
+    a child of that run."""
+    run = client().create_run(experiment_id, run_name=run_name(tags.get("preset")), tags=dict(tags))
     return run.info.run_id
-
-
-def group_parent(experiment_id: str, preset: str, exp_name: str | None) -> str | None:
-    """The open group of `preset` that expects the DVC experiment `exp_name`, if any."""
-    if not exp_name or not re.fullmatch(r"[\w.-]+", preset):
-        return None
-    runs = client().search_runs([experiment_id], order_by=["attributes.start_time DESC"],
-                                filter_string=f"tags.{PARENT_TAG} = '{preset}' and "
-                                              f"attributes.status = 'RUNNING'")
-    for run in runs:
-        if exp_name in json.loads(run.data.tags.get(MEMBERS_TAG, "[]")):
-            return run.info.run_id
-    return None
-
-
-def log_dataset(raw_dir: Path, verified: bool, lock_file: Path = Path("dvc.lock")) -> None:
-    """Which data the active run read: MNIST's raw folder as an MLflow dataset input whose
-    digest is the folder's DVC hash (from dvc.lock, as `dvc status` knows it), tagged with
-    the MD5 of each of the four files (MNIST's own when the stage `verified` them)."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    from stages.files import md5_of_file
-    from stages.mnist import FILES
-
-    md5s = dict(FILES) if verified else {name: md5_of_file(raw_dir / name) for name in FILES}
-    dvc_hash = None
-    if lock_file.is_file():
-        import yaml
-
-        outs = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}).get(
-            "download", {}).get("outs", [])
-        dvc_hash = next((out.get("md5") for out in outs if out.get("path") == raw_dir.as_posix()),
-                        None)
-    digest = dvc_hash or hashlib.md5("".join(md5s.values()).encode()).hexdigest()
-    with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is a local folder
-        warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source((project_root() / raw_dir).as_uri())
-    dataset = MetaDataset(source, name="mnist", digest=digest.removesuffix(".dir")[:36])
-    mlflow.log_input(dataset, context="training",
-                     tags={"dvc_hash": dvc_hash or "none", **{f"md5.{k}": v for k, v in md5s.items()}})
 
 
 def run_exists(run_id: str) -> bool:

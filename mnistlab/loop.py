@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from stages.data import Split, batch_indices, normalize, random_affine, steps_per_epoch
-from stages.mnist import NUM_CLASSES
-from stages.model import build_model
-from stages.params import Params, Train
+from mnistlab.data import Split, batch_indices, normalize, random_affine, steps_per_epoch
+from mnistlab.mnist import NUM_CLASSES
+from mnistlab.model import build_model
+from mnistlab.config import Params, Train
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 # Images warped per call when augmenting an epoch: large enough to amortise the launches,

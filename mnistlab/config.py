@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import reprlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union
 
@@ -31,9 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-from stages.mnist import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES, TRAIN_IMAGES
-
-TEST_IMAGES = 10_000  # in MNIST's test files
+from mnistlab import geometry
+from mnistlab.mnist import IMAGE_SIZE, TRAIN_IMAGES
 
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path("conf")
@@ -156,19 +154,6 @@ Layer = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    """One layer as it meets a 28x28 image: what comes in, what goes out, what it weighs."""
-
-    index: int
-    layer: Section
-    in_channels: int
-    channels: int      # out
-    size: int          # side of the output map
-    batchnorm: bool    # a conv followed by BatchNorm
-    params: int
-
-
 class Model(Section):
     head: Literal["fc", "gap"]
     batchnorm: bool
@@ -178,61 +163,12 @@ class Model(Section):
     order: Literal["bn_relu", "relu_bn"]
     layers: Annotated[tuple[Layer, ...], FromList, Field(min_length=1)]
 
-    def conv_padding(self, layer: ConvLayer) -> int:
-        if layer.padding is not None:
-            return layer.padding
-        return layer.kernel // 2 if self.padding == "same" else 0
-
-    def walk(self) -> list[LayerShape]:
-        """Every layer's shapes and parameters over a 28x28 input: the one shape walk, used
-        by validation (a bad shape fails here, not in torch), by `build_model` and by the
-        parameter and memory estimates."""
-        shapes, size, channels = [], IMAGE_SIZE, IN_CHANNELS
-        for index, layer in enumerate(self.layers):
-            where = f"layers.{index} ({_describe(layer)}) on a {size}x{size} feature map"
-            out, batchnorm, params = channels, False, 0
-            if isinstance(layer, ConvLayer):
-                padding = self.conv_padding(layer)
-                if layer.kernel > size + 2 * padding:
-                    raise ValueError(
-                        f"{where}: kernel {layer.kernel} with padding {padding} does not fit; "
-                        f"use a kernel of at most {size + 2 * padding}"
-                    )
-                size = size + 2 * padding - layer.kernel + 1
-                out = layer.conv
-                batchnorm = self.batchnorm if layer.bn is None else layer.bn
-                params = channels * out * layer.kernel ** 2 + out * self.bias + 2 * out * batchnorm
-            elif isinstance(layer, (TransitionLayer, MaxPoolLayer)):
-                pool = 2 if isinstance(layer, TransitionLayer) else layer.maxpool
-                if size // pool < 1:
-                    raise ValueError(f"{where}: pooling by {pool} shrinks it below 1x1")
-                size //= pool
-                if isinstance(layer, TransitionLayer):
-                    out = layer.transition
-                    params = channels * out + out * self.bias
-            shapes.append(LayerShape(index, layer, channels, out, size, batchnorm, params))
-            channels = out
-        return shapes
-
-    def head_params(self) -> int:
-        last = self.walk()[-1]
-        features = last.channels * (last.size ** 2 if self.head == "fc" else 1)
-        return features * NUM_CLASSES + NUM_CLASSES * self.bias
-
-    def parameter_count(self) -> int:
-        """What `count_parameters(build_model(self))` gives, without torch."""
-        return sum(shape.params for shape in self.walk()) + self.head_params()
-
     @model_validator(mode="after")
     def _fits_the_image(self) -> Model:
-        self.walk()
+        geometry.walk(self)  # a layer that does not fit the image raises here
         if not any(isinstance(layer, (ConvLayer, TransitionLayer)) for layer in self.layers):
             raise ValueError("layers: at least one conv or transition layer is needed")
         return self
-
-
-def _describe(layer: BaseModel) -> str:
-    return ", ".join(f"{key}: {value}" for key, value in layer.model_dump(exclude_defaults=True).items())
 
 
 # --- training ----------------------------------------------------------------------------
@@ -337,48 +273,13 @@ class Params(Section):
         the batch before.)"""
         if self.train.batch_size > 1:
             return self
-        for shape in self.model.walk():
+        for shape in geometry.walk(self.model):
             if shape.batchnorm and shape.size == 1:
                 raise ValueError(
                     f"train.batch_size = 1: the BatchNorm of model.layers.{shape.index} sees a "
                     f"1x1 feature map, so a batch of one image gives it one value per channel; "
                     f"use train.batch_size of at least 2")
         return self
-
-
-def batch_images(params: Params, train_images: int = TRAIN_IMAGES) -> tuple[int, int]:
-    """The most images one training batch and one scoring batch hold: never more than the
-    images there are (batch_size 100,000 over train.limit_train 2,048 trains in batches of
-    2,048). Scoring is of the validation split, or of train.limit_test test images."""
-    trained = train_images - params.train.validation
-    if params.train.limit_train:
-        trained = min(trained, params.train.limit_train)
-    scored = params.train.validation or min(params.train.limit_test or TEST_IMAGES, TEST_IMAGES)
-    return (min(params.train.batch_size, trained), min(params.evaluate.batch_size, scored))
-
-
-def training_memory_bytes(params: Params, train_images: int = TRAIN_IMAGES,
-                          batch: int | None = None) -> int:
-    """A generous estimate of the memory one training run of `params` takes on its device
-    (with `batch`: in batches of that many images, instead of the params' own).
-
-    Weights, gradients and two optimiser buffers (4 copies of every parameter); every
-    layer's output kept for the backward pass and its gradient (conv, BatchNorm and ReLU
-    each keep one map: 3 per conv, 1 per pool or dropout) for the larger of a training and
-    a scoring batch; the training set and one augmented epoch of it, as float32. It errs
-    high: its job is to refuse a model that cannot fit (hundreds of GB) before any work
-    starts, not to plan to the megabyte.
-    """
-    float_bytes = 4
-    per_image = 0
-    for shape in params.model.walk():
-        maps = 3 if isinstance(shape.layer, ConvLayer) else 1
-        per_image += maps * shape.channels * shape.size ** 2
-    if batch is None:
-        batch = max(batch_images(params, train_images))
-    images = train_images if not params.train.limit_train else min(params.train.limit_train, train_images)
-    dataset = 2 * images * IMAGE_SIZE ** 2
-    return float_bytes * (4 * params.model.parameter_count() + 2 * batch * per_image + dataset)
 
 
 def parse_params(raw: Any) -> Params:
