@@ -19,7 +19,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui ui-screenshot server postgres team-up team-down pull promote serve predict iterations readmes repeats search exps results bench bench-experiment bench-overheads profile recipes same-recipe plots params remote clean-venv
+.PHONY: setup repro test test-fast ui ui-screenshot server postgres team-up team-down pull promote serve predict iterations readmes repeats search exps results results-check bench bench-experiment bench-overheads profile recipes same-recipe plots params remote clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -139,6 +139,12 @@ exps: setup  ## the experiments of this commit, one short row each (FULL=1: dvc 
 
 results: setup  ## rewrite the README's results table and figure from `dvc exp show`
 	$(BIN)/python -m tools.results_table --repeats "$(REPEATS)" --readme
+
+# Re-derive recorded rows of reports/results.json from the MLflow runs they name, in the store
+# this clone points at (MLFLOW_TRACKING_URI, else mlflow.db): a non-zero exit when any differs.
+results-check: setup  ## re-derive recorded results rows from their MLflow runs: make results-check PRESETS="I1 I3"
+	@test -n "$(PRESETS)" || { echo 'make results-check: give PRESETS="NAME ..." (presets recorded in reports/results.json)'; exit 2; }
+	$(BIN)/python -m tools.results_table --check $(PRESETS)
 
 bench: setup  ## training throughput: the sources' way vs this pipeline, and the hardware floor
 	$(BIN)/python -m benchmarks.train_throughput $(BENCH_ARGS)

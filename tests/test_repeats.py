@@ -41,6 +41,7 @@ from tools.repeats import (
 from tools.results_table import (
     Repeat,
     changed_since,
+    group_record,
     preset_digest,
     printed_figure,
     record,
@@ -147,7 +148,8 @@ def test_aggregate_of_known_values():
 
 def repeats(*finals: float, best_epochs=None) -> list[Repeat]:
     best_epochs = best_epochs or [10] * len(finals)
-    return [Repeat(seed=i, final=f, best_epoch=b, parameters=14_500, epochs=15, device="cpu")
+    return [Repeat(seed=i, final=f, best_epoch=b, parameters=14_500, epochs=15, device="cpu",
+                   name=f"I3-s{i}", run_id=f"{i:032x}")
             for i, (f, b) in enumerate(zip(finals, best_epochs))]
 
 
@@ -230,7 +232,7 @@ def test_table_marks_short_groups_incomplete_and_unrun_presets():
                      "printed": "99.6%", "rounding": 0.0005},
               "I1": {"source": "README 004", "parameters": 20_978, "final": 0.996,
                      "printed": "99.6%", "rounding": 0.0005}}
-    header, _, i3, i1 = rows({"I3": summarize(repeats(0.9950, 0.9960))}, claims, planned=3)
+    header, _, i3, i1 = rows({"I3": group_record(repeats(0.9950, 0.9960))}, claims, planned=3)
     cells = [cell.strip() for cell in i3.split("|")[1:-1]]
     assert cells[:6] == ["I3", "14,500", "15", "2 of 3 (incomplete)", "99.55% +- 0.07 pt",
                          "99.50% to 99.60%"]
@@ -249,8 +251,8 @@ def test_recording_a_group_replaces_that_presets_group_only():
 
 def test_a_row_says_when_its_preset_changed_since_the_runs():
     ledger = record({}, {"I3": repeats(0.9950, 0.9960, 0.9970)})
-    ledger["I1"] = {**summarize(repeats(0.9950, 0.9960)), "digest": preset_digest("I3")}
-    ledger["gone"] = {**summarize(repeats(0.9950, 0.9960)), "digest": "no such preset now"}
+    ledger["I1"] = {**group_record(repeats(0.9950, 0.9960)), "digest": preset_digest("I3")}
+    ledger["gone"] = {**group_record(repeats(0.9950, 0.9960)), "digest": "no such preset now"}
     assert changed_since(ledger) == {"I1", "gone"}
     claims = {name: {"source": "README 004", "parameters": 14_500, "final": 0.996,
                      "printed": "99.6%", "rounding": 0.0005} for name in ("I3", "I1")}
@@ -371,6 +373,7 @@ def test_two_presets_two_seeds_make_two_groups_of_two(tmp_path):
     parents = {run_.info.run_name: run_ for run_ in client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.{PARENT_TAG} != ''")}
     assert sorted(parents) == ["I1", "I3"]
+    child_ids = set()
     for preset, parent in parents.items():
         assert json.loads(parent.data.tags[MEMBERS_TAG]) == [f"{preset}-s0", f"{preset}-s1"]
         children = client.search_runs([experiment.experiment_id],
@@ -378,15 +381,23 @@ def test_two_presets_two_seeds_make_two_groups_of_two(tmp_path):
         assert sorted(child.info.run_name for child in children) == [f"{preset}-s0", f"{preset}-s1"]
         assert {child.data.params["base.seed"] for child in children} == {"0", "1"}
         finals = [child.data.metrics["final_test_accuracy"] for child in children]
+        child_ids |= {child.info.run_id for child in children}
         assert parent.data.metrics["n_runs"] == 2 and parent.data.tags["complete"] == "true"
         assert parent.data.metrics["final_test_accuracy_mean"] == statistics.fmean(finals)
         assert parent.data.metrics["final_test_accuracy_std"] == statistics.stdev(finals)
 
-    # The table reads the same four experiments from DVC.
-    table = run([str(BIN / "python"), "-m", "tools.results_table", "--repeats", "2"],
+    # The table reads the same four experiments from DVC, records each with its MLflow run,
+    # and re-derives both rows from those runs.
+    table = run([str(BIN / "python"), "-m", "tools.results_table", "--repeats", "2", "--readme"],
                 project).stdout
     assert [line.split("|")[4].strip() for line in table.splitlines()
             if line.startswith(("| I1 ", "| I3 "))] == ["2", "2"]
+    ledger = json.loads((project / "reports/results.json").read_text())
+    assert {seed["run_id"] for preset in ("I1", "I3") for seed in ledger[preset]["runs"]} == child_ids
+    checked = run([str(BIN / "python"), "-m", "tools.results_table", "--check", "I1", "I3"],
+                  project).stdout  # exit status 0: every value matches
+    assert checked.count(": match (final test accuracy ") == 4, checked  # one per seed
+    assert "I1: re-derived" in checked and "I3: re-derived" in checked, checked
     # (A rerun superseding a group: test_a_new_group_supersedes_its_presets_earlier_group_only.)
     mlflow.set_tracking_uri(None)
 
