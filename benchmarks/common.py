@@ -1,6 +1,7 @@
-"""What more than one benchmark uses: the device sync around a timed region, the notebooks'
-DataLoader baseline and the guard its forked workers need, and the train stage's own start of
-a training run. Benchmarks share code through this module only, never by importing each other."""
+"""What more than one benchmark uses: the first line of a generated block, the device sync
+around a timed region, the notebooks' DataLoader baseline and the guard its forked workers
+need, and the train stage's own start of a training run. Benchmarks share code through this
+module only, never by importing each other."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from mnistlab.loop import start_training
+from mnistlab.runtime import describe
+
+
+def header(device: torch.device, command: str, details: str = "") -> str:
+    """The first line of a block a benchmark writes into the documentation: the device by its
+    model, the torch build, what was measured (`details`) and the command that measured it,
+    so that every figure below it can be traced to a device, a version and a rerun."""
+    if not command.startswith("python -m benchmarks."):
+        raise ValueError(f"command {command!r}: a block names the benchmark that wrote it "
+                         "(python -m benchmarks.NAME ...)")
+    return (f"Device: {describe(device)}, torch {torch.__version__}; "
+            + (f"{details}; " if details else "") + f"`{command}`")
 
 
 def sync(device: torch.device) -> None:

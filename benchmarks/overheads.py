@@ -1,13 +1,14 @@
 """What the pipeline costs besides training: per-epoch bookkeeping, and a `dvc repro` with
 nothing to do.
 
-    python -m benchmarks.overheads [--epochs 20] [--repeats 3] [--readme]
+    python -m benchmarks.overheads [--device auto] [--epochs 20] [--repeats 3] [--readme]
 
 Per epoch the train stage writes a checkpoint, logs the epoch's metrics to MLflow and
 rewrites the curves CSV (stages/train.py). This times those same calls, against a fresh
 sqlite store of the same kind the pipeline uses (in a temporary folder, so the project's
-store is untouched), and divides by the epoch time of the last `dvc repro` where it runs
-(reports/train_metrics.json) and by I3's epoch time on an H100.
+store is untouched), and divides each by an epoch of params.yaml's recipe (train + test)
+measured in the same process on `--device`: the second of two epochs of the train stage's
+own run, so that the first one's warm-up (and on CUDA the graph capture) is left out.
 
 The no-op `dvc repro` is timed only when `dvc status` says the pipeline is up to date:
 otherwise `dvc repro` would train, and that is not what is measured here.
@@ -30,18 +31,18 @@ from unittest import mock
 import mlflow
 import torch
 
-from mnistlab import tracking
+from benchmarks.common import header, sync
+from mnistlab import runtime, tracking
+from mnistlab.config import ParamsError, load_params
+from mnistlab.data import DataError, Split, load_split
 from mnistlab.executables import bin_dir, child_env
 from mnistlab.files import write_atomic, write_csv
+from mnistlab.loop import TrainingRun
 from mnistlab.model import build_model
-from mnistlab.config import load_params
-from mnistlab.paths import TRAIN_METRICS_FILE
+from mnistlab.runtime import cpu_model
 from stages.train import METRIC_NAMES
 from tools import doc_blocks
 
-# I3's steady epoch (train + test) on an H100: 0.28-0.30 s in `python -m
-# benchmarks.recipe_time --device cuda --presets I3` (README, Performance).
-GPU_EPOCH_S = 0.28
 SYNC = "MLflow log_metrics (synchronous, as the stage logs)"
 # The alternative: MLflow's queue, which returns at once but is joined when the run ends.
 QUEUED = "(MLflow log_metrics, synchronous=False)"
@@ -114,8 +115,21 @@ def time_noop_repro(repeats: int) -> list[float] | str:
     return walls
 
 
+def time_epoch(params, train: Split, test: Split, dtype: torch.dtype) -> float:
+    """Seconds of one steady epoch (train + test) of `params`' recipe as the train stage runs
+    it, on the device the data lives on: the second epoch of a fresh run."""
+    run = TrainingRun.start(params, train, test, dtype)
+    run.capture()
+    epochs = run.epochs()
+    next(epochs)  # the first epoch warms up the kernels and the allocator
+    sync(train.images.device)
+    return next(epochs)["epoch_seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where the epoch the writes are compared with trains")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of bookkeeping to time")
     parser.add_argument("--repeats", type=int, default=3, help="no-op `dvc repro` runs")
     parser.add_argument("--readme", action="store_true",
@@ -124,27 +138,36 @@ def main() -> None:
     if args.epochs < 1 or args.repeats < 1:
         parser.error(f"--epochs ({args.epochs}) and --repeats ({args.repeats}) must be >= 1")
 
-    last_run = json.loads(TRAIN_METRICS_FILE.read_text()) if TRAIN_METRICS_FILE.exists() else None
+    params = load_params()
+    if params.train.epochs < 2:
+        parser.error(f"train.epochs = {params.train.epochs} in params.yaml: the steady epoch "
+                     "is a run's second, so the recipe needs at least 2 epochs")
+    try:  # a missing device or MNIST is refused before anything is timed
+        setup = runtime.setup(args.device, params.train.precision, params.train.cudnn_benchmark)
+        train = load_split(train=True, limit=params.train.limit_train, device=setup.device)
+        test = load_split(train=False, limit=params.train.limit_test, device=setup.device)
+    except (ParamsError, DataError, OSError) as err:
+        parser.error(str(err))
+
     repro = time_noop_repro(args.repeats)  # first: the bookkeeping below must not dirty it
     bookkeeping = time_bookkeeping(args.epochs)
+    epoch_s = time_epoch(params, train, test, setup.dtype)
 
-    # The last run's epoch (train + test), the denominator of the shares below.
-    epoch_s = 60_000 / last_run["epoch_images_per_second"] if last_run else None
-    lines = [f"`python -m benchmarks.overheads --epochs {args.epochs} --repeats "
-             f"{args.repeats}` on {os.cpu_count()} CPU cores, sqlite MLflow store; the "
-             f"last run's epoch: "
-             + (f"{epoch_s:.1f} s (train + test) on "
-                f"{last_run['device']} (reports/train_metrics.json)" if last_run else
-                "none yet (no reports/train_metrics.json)"),
+    where = ("" if setup.device.type == "cpu"
+             else f"; the writes run on the host CPU, {cpu_model()}")
+    lines = [header(setup.device,
+                    f"python -m benchmarks.overheads --device {args.device} --epochs "
+                    f"{args.epochs} --repeats {args.repeats}",
+                    f"the train stage's per-epoch writes, {args.epochs} epochs, sqlite "
+                    f"MLflow store{where}; the epoch: preset {params.base.preset}'s second "
+                    f"epoch (train + test), {epoch_s:.2f} s"),
              "",
-             "| per-epoch write | median ms | max ms | % of the last run's epoch | "
-             f"% of a {GPU_EPOCH_S} s H100 epoch (I3) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "| write | median ms | max ms | % of the epoch |",
+             "| --- | ---: | ---: | ---: |"]
     for name, values in bookkeeping.items():
         median = statistics.median(values)
-        share = f"{median / epoch_s:.3%}" if epoch_s else "n/a"
-        lines.append(f"| {name} | {median * 1e3:.1f} | {max(values) * 1e3:.1f} | {share} | "
-                     f"{median / GPU_EPOCH_S:.2%} |")
+        lines.append(f"| {name} | {median * 1e3:.1f} | {max(values) * 1e3:.1f} | "
+                     f"{median / epoch_s:.3%} |")
     lines.append("")
     if isinstance(repro, str):
         lines.append(f"No-op `dvc repro`: {repro}.")

@@ -16,10 +16,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import fresh_training
+from benchmarks.common import fresh_training, header
 from mnistlab.data import Split, load_split
 from mnistlab import runtime
-from mnistlab.runtime import describe
 from mnistlab.loop import train_one_epoch, training_forward
 from mnistlab.config import load_params
 from tools import doc_blocks
@@ -89,11 +88,11 @@ def main() -> None:
 
     total = sum(seconds.values())
     lines = [
-        f"Device: {describe(device)}, torch {torch.__version__}; model {params.base.preset}, batch "
-        f"{params.train.batch_size}, "
-        f"{'fp32' if dtype == torch.float32 else str(dtype).removeprefix('torch.') + ' autocast'}; "
-        f"{args.steps} steps of the train stage's path under torch.profiler; "
-        f"`python -m benchmarks.profile_step --device {args.device} --steps {args.steps}`",
+        header(device, f"python -m benchmarks.profile_step --device {args.device} "
+                       f"--steps {args.steps}",
+               f"model {params.base.preset}, batch {params.train.batch_size}, "
+               f"{'fp32' if dtype == torch.float32 else str(dtype).removeprefix('torch.') + ' autocast'}; "
+               f"{args.steps} steps of the train stage's path under torch.profiler"),
         "",
         "| work | ms per step | share |",
         "| --- | ---: | ---: |",

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from benchmarks.common import sync
+from benchmarks.common import header, sync
 from mnistlab.data import load_split
 from mnistlab import runtime
-from mnistlab.runtime import describe, resolve_precision
+from mnistlab.runtime import resolve_precision
 from mnistlab.loop import TARGET_ACCURACY, TrainingRun, time_to_accuracy
 from mnistlab.model import count_parameters
 from mnistlab.config import Params, ParamsError, compose, parse_params
@@ -84,11 +84,11 @@ def main() -> None:
     test = load_split(train=False, limit=first.limit_test, device=device)
 
     lines = [
-        f"Device: {describe(device)}, torch {torch.__version__}; "
-        f"`python -m benchmarks.recipe_time --device {args.device} --presets "
-        f"{' '.join(args.presets)}{' --set ' + ' '.join(args.set) if args.set else ''}`; "
-        f"random seed {', '.join(sorted({str(p.base.seed) for p in presets.values()}))}, "
-        "one run each",
+        header(device, f"python -m benchmarks.recipe_time --device {args.device} --presets "
+                       f"{' '.join(args.presets)}"
+                       f"{' --set ' + ' '.join(args.set) if args.set else ''}",
+               f"random seed {', '.join(sorted({str(p.base.seed) for p in presets.values()}))}, "
+               "one run each"),
         "",
         "| preset | parameters | epochs | batch | dtype | final test acc | best (epoch) | "
         "reported | training loop s | to 99.4% |",

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import fork_safe, sources_loader
+from benchmarks.common import fork_safe, header, sources_loader
 from mnistlab.data import load_split, steps_per_epoch
 from mnistlab import runtime
-from mnistlab.runtime import describe
 from mnistlab.loop import (
     make_optimizer,
     make_scheduler,
@@ -135,11 +134,11 @@ def main() -> None:
     means = {path: statistics.mean(a for a, _ in results[path]) for path in PATHS}
     stderr = math.sqrt(means["project"] * (1 - means["project"]) / len(test))
     lines = [
-        f"Device: {describe(device)}; preset {params.base.preset} "
-        f"({params.train.epochs} epochs, batch {params.train.batch_size}, "
-        f"{params.train.optimizer} + {params.train.scheduler}); seeds "
-        f"{', '.join(map(str, args.seeds))}; `python -m benchmarks.same_recipe --epochs "
-        f"{params.train.epochs} --seeds {' '.join(map(str, args.seeds))}`",
+        header(device, f"python -m benchmarks.same_recipe --device {args.device} --epochs "
+                       f"{params.train.epochs} --seeds {' '.join(map(str, args.seeds))}",
+               f"preset {params.base.preset} ({params.train.epochs} epochs, batch "
+               f"{params.train.batch_size}, {params.train.optimizer} + "
+               f"{params.train.scheduler}); seeds {', '.join(map(str, args.seeds))}"),
         "",
         "| path | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | train s (mean) |",
         "| --- |" + " ---: |" * (len(args.seeds) + 2),

@@ -10,8 +10,8 @@ optimiser (SGD Nesterov + OneCycle) and augmentation (RandomAffine 10 deg, 5 %, 
   project       mnistlab.loop.train_one_epoch, exactly as the train stage calls it: data held
                 on the device, batched affine warps, channels_last, autocast per `precision`
 
-Paths run interleaved (A, B, A, B, ...) and the median is reported, because shared
-machines drift by 20 % between runs. The floor is the model's FLOPs per image (forward and
+Paths run interleaved (A, B, A, B, ...) and the median is reported, because a shared
+machine's speed drifts from one run to the next. The floor is the model's FLOPs per image (forward and
 backward, counted by torch's FlopCounterMode) over the device's measured matmul rate in
 the same dtype: the epoch time a perfectly efficient implementation would need.
 """
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import fork_safe, fresh_training, sources_loader, sync
+from benchmarks.common import fork_safe, fresh_training, header, sources_loader, sync
 from mnistlab.data import Split, load_split
 from mnistlab import runtime
-from mnistlab.runtime import cpu_flags, cpu_has_fast_bf16, describe
+from mnistlab.runtime import cpu_flags, cpu_has_fast_bf16
 from mnistlab.loop import (
     make_optimizer,
     make_scheduler,
@@ -265,13 +265,14 @@ def main() -> None:
         f" --malloc {args.malloc}" if args.malloc != "keep" else "")
 
     lines = [
-        f"Device: {describe(device)}, torch {torch.__version__}; model {params.base.preset} "
-        f"({sum(p.numel() for p in build_model(params.model).parameters()):,} parameters, "
-        f"{flops / 1e6:.1f} MFLOP per image forward + backward); batch "
-        f"{params.train.batch_size}; {args.steps} timed steps x {args.rounds} interleaved "
-        f"rounds (median); `python -m benchmarks.train_throughput --device {args.device} "
-        f"--steps {args.steps} --rounds {args.rounds}{options}`"
-        + ("; glibc malloc at its defaults" if args.malloc == "default" else ""),
+        header(device, f"python -m benchmarks.train_throughput --device {args.device} "
+                       f"--steps {args.steps} --rounds {args.rounds}{options}",
+               f"model {params.base.preset} "
+               f"({sum(p.numel() for p in build_model(params.model).parameters()):,} "
+               f"parameters, {flops / 1e6:.1f} MFLOP per image forward + backward); batch "
+               f"{params.train.batch_size}; {args.steps} timed steps x {args.rounds} "
+               "interleaved rounds (median)"
+               + ("; glibc malloc at its defaults" if args.malloc == "default" else "")),
         "",
         "| path | dtype | images/s | epoch s | vs sources' way | floor epoch s | x floor | peak MiB |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,13 +13,14 @@ import torch
 from helpers import REPO
 
 from benchmarks import (
+    common,
     overheads,
     profile_step,
     same_recipe,
     train_throughput,
 )
 from mnistlab.data import load_split
-from mnistlab.runtime import keep_freed_memory
+from mnistlab.runtime import cpu_model, describe, keep_freed_memory
 from mnistlab.config import parse_params
 from tools import results_table
 
@@ -231,3 +233,138 @@ def test_every_generated_block_lives_where_its_command_writes():
             assert name not in seen, f"block {name} is in both {seen[name].name} and {path.name}"
             seen[name] = path
     assert {"results", "default"} <= set(seen) and any(n.startswith("search-") for n in seen)
+
+
+# benchmarks/experiment_time.py writes its block's first line without the torch version;
+# the device and the command are still checked.
+WITHOUT_TORCH_VERSION = {"experiment-cpu"}
+
+
+def header_gaps(line: str) -> list[str]:
+    """What a block's first line, "Device: <GPU or CPU model>, torch <version>; ...
+    `python -m benchmarks.<name> ...`", fails to name."""
+    device = re.match(r"Device: (.+?)(?:, torch |;)", line)
+    if device is None:
+        named = False
+    elif device[1].startswith("cpu"):  # "cpu: <model> (<n> threads)", as describe() writes it
+        cpu = re.fullmatch(r"cpu: (.+) \(\d+ threads?\)", device[1])
+        named = cpu is not None and cpu[1] != "unknown"
+    else:
+        named = device[1] not in {"cuda", "mps", "gpu"}
+    torch_version = re.match(r"Device: [^;]+?, torch \d+\.\d+\S*;", line)
+    command = re.search(r"`python -m benchmarks\.\w+[^`]*`", line)
+    return [gap for gap, present in (("device", named), ("torch version", torch_version),
+                                     ("command", command)) if not present]
+
+
+def performance_blocks(text: str) -> dict[str, list[str]]:
+    """Each generated block of a page: its name and its lines between the markers."""
+    return {name: body.strip("\n").splitlines() for name, body in re.findall(
+        r"<!-- ([\w.-]+):begin -->(.*?)<!-- \1:end -->", text, re.S)}
+
+
+def test_every_performance_block_names_device_torch_and_command():
+    """Each filled block of docs/performance.md opens with the device by its model, the torch
+    build and the command that rewrites it, so that each figure can be traced and rerun."""
+    blocks = performance_blocks((REPO / "docs" / "performance.md").read_text())
+    assert len(blocks) >= 5
+    gaps = {}
+    for name, lines in blocks.items():
+        if not lines:  # not measured yet: the command's first run fills it
+            continue
+        missing = header_gaps(lines[0])
+        if name in WITHOUT_TORCH_VERSION:
+            missing = [gap for gap in missing if gap != "torch version"]
+        if missing:
+            gaps[name] = missing
+    assert gaps == {}, f"blocks whose first line does not name these: {gaps}"
+
+
+@pytest.mark.parametrize("line, gaps", [
+    ("Device: cpu: AMD EPYC (2 threads), torch 2.14.1+cu130; 30 steps; "
+     "`python -m benchmarks.train_throughput --steps 30`", []),
+    ("Device: NVIDIA H100 80GB HBM3, torch 2.11.0+cu130; "
+     "`python -m benchmarks.recipe_time --device cuda --presets I3`; one run", []),
+    ("Device: cpu (2 threads), torch 2.14.1+cu130; `python -m benchmarks.profile_step`",
+     ["device"]),
+    ("Device: cpu: unknown (1 thread), torch 2.14.1; `python -m benchmarks.profile_step`",
+     ["device"]),
+    ("Device: NVIDIA H100 80GB HBM3; seeds 0, 1, 2; `python -m benchmarks.same_recipe`",
+     ["torch version"]),
+    ("`python -m benchmarks.overheads --epochs 20` on 2 CPU cores, sqlite MLflow store",
+     ["device", "torch version"]),
+    ("Device: cpu: AMD EPYC (2 threads); 20 epochs", ["torch version", "command"]),
+    ("Device: cpu: AMD EPYC (2 threads), torch 2.14.1; 30 steps", ["command"]),
+    ("Device: cuda, torch 2.11.0; `python -m benchmarks.profile_step`", ["device"]),
+])
+def test_a_block_header_is_read_for_device_torch_and_command(line, gaps):
+    assert header_gaps(line) == gaps
+
+
+def test_the_benchmarks_header_names_device_torch_and_command():
+    line = common.header(torch.device("cpu"), "python -m benchmarks.profile_step --steps 4",
+                         "model I1, batch 32")
+    assert line == (f"Device: {describe(torch.device('cpu'))}, torch {torch.__version__}; "
+                    "model I1, batch 32; `python -m benchmarks.profile_step --steps 4`")
+    if cpu_model() != "unknown":  # /proc/cpuinfo names the CPU (Linux)
+        assert header_gaps(line) == []
+    with pytest.raises(ValueError, match="python -m benchmarks.NAME"):
+        common.header(torch.device("cpu"), "make profile")
+
+
+def test_the_overheads_epoch_is_measured_on_the_recipe(tiny_mnist, default_params):
+    """The per-epoch writes are divided by an epoch timed in the same run, not a constant."""
+    raw = dict(default_params)
+    raw["train"] = {**default_params["train"], "device": "cpu", "precision": "fp32",
+                    "batch_size": 64, "epochs": 3}
+    params = parse_params(raw)
+    train = load_split(train=True, root=tiny_mnist, verify_md5=False)
+    test = load_split(train=False, root=tiny_mnist, verify_md5=False)
+    seconds = overheads.time_epoch(params, train, test, torch.float32)
+    assert 0 < seconds < 60
+
+
+# A measured figure: a number with a unit of time, share, ratio, memory or rate.
+MEASURED = re.compile(r"(?<![\w.])\d[\d,.]*\s?(?:ms|s|%|x|pt|MiB|MB|GB|TFLOP/s|images/s|img/s)"
+                      r"(?![\w/])")
+# The section of docs/performance.md that benchmarks/experiment_time.py's figures explain,
+# still written by hand; every other section is checked.
+UNCHECKED_SECTIONS = {"### Where the fixed cost goes"}
+
+
+def figures_outside_blocks(text: str) -> list[str]:
+    """Measured figures of a page that stand outside its generated blocks, inline code and
+    the targets (the first column of the `## Targets` table, which states them). A code
+    block's comments are read as prose."""
+    text = re.sub(r"<!-- ([\w.-]+):begin -->.*?<!-- \1:end -->", "", text, flags=re.S)
+    targets, found, section = set(), [], ""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            section = line.strip()
+            continue
+        prose = re.sub(r"`[^`]*`", "", line)
+        if section == "## Targets" and prose.startswith("|"):
+            targets.update(MEASURED.findall(prose.split("|")[1]))
+            prose = "|".join(prose.split("|")[2:])
+        if section not in UNCHECKED_SECTIONS:
+            found += [(figure, line.strip()) for figure in MEASURED.findall(prose)]
+    return [f"{figure!r} in: {line}" for figure, line in found if figure not in targets]
+
+
+@pytest.mark.parametrize("page", ["docs/performance.md", "README.md"])
+def test_no_measured_figure_stands_outside_a_generated_block(page):
+    """A time, share or ratio typed into prose goes stale when its block is rerun: prose
+    points at the block instead."""
+    assert figures_outside_blocks((REPO / page).read_text()) == []
+
+
+def test_figures_in_prose_are_found_and_targets_are_not():
+    text = ("## Targets\n\n| target | measured |\n| --- | --- |\n| under 3 s | 0.9 s |\n\n"
+            "## Overheads\n\n<!-- x:begin -->\n12.5 ms\n<!-- x:end -->\n"
+            "The writes take 12.5 ms, `--steps 30` at 2.10x; the target is 3 s.\n"
+            "```bash\ndvc exp run -S train.epochs=2   # quick: 22 s\n```\n")
+    assert figures_outside_blocks(text) == [
+        "'0.9 s' in: | under 3 s | 0.9 s |",
+        "'12.5 ms' in: The writes take 12.5 ms, `--steps 30` at 2.10x; the target is 3 s.",
+        "'2.10x' in: The writes take 12.5 ms, `--steps 30` at 2.10x; the target is 3 s.",
+        "'22 s' in: dvc exp run -S train.epochs=2   # quick: 22 s"]
