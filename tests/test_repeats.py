@@ -236,7 +236,7 @@ def test_table_marks_short_groups_incomplete_and_unrun_presets():
     cells = [cell.strip() for cell in i3.split("|")[1:-1]]
     assert cells[:6] == ["I3", "14,500", "15", "2 of 3 (incomplete)", "99.55% +- 0.07 pt",
                          "99.50% to 99.60%"]
-    assert "not run" in i1 and header.startswith("| preset |")
+    assert "no recorded runs" in i1 and header.startswith("| preset |")
 
 
 def test_recording_a_group_replaces_that_presets_group_only():

@@ -319,9 +319,9 @@ def verdict(stats: dict, target: float, rounding: float = 0.0, is_target: bool =
     return f"short: {within}"
 
 
-def unrun(preset: str, ledger: dict[str, dict]) -> str:
-    """What a preset's row or point says when no recorded runs of it are drawn."""
-    return "no recorded runs" if preset in ledger else "not run"
+# What a preset's row and point say when none of its runs is drawn: never run, or run only in
+# groups that kept no per-seed records.
+NO_RUNS = "no recorded runs"
 
 
 def rows(ledger: dict[str, dict], claims: dict[str, dict], planned: int,
@@ -336,7 +336,7 @@ def rows(ledger: dict[str, dict], claims: dict[str, dict], planned: int,
         target = f"{claim['printed']} ({claim['source']})"
         if not stats:
             lines.append(f"| {preset} | ({claim['parameters']:,}) | | 0 | "
-                         f"{unrun(preset, ledger)} | | | {target} | | |")
+                         f"{NO_RUNS} | | | {target} | | |")
             continue
         n = f"{stats['n']}" if stats["n"] >= planned else f"{stats['n']} of {planned} (incomplete)"
         spread = "" if stats["sd"] is None else f" +- {stats['sd'] * 100:.2f} pt"
@@ -370,7 +370,7 @@ def plot(ledger: dict[str, dict], claims: dict[str, dict], path: Path = FIGURE) 
                         fmt="o", capsize=4, color="tab:blue", zorder=3)
             label = f"{preset} (n={stats['n']})"
         else:
-            label = f"{preset} ({unrun(preset, ledger)})"
+            label = f"{preset} ({NO_RUNS})"
         where = (claim["parameters"], claim["final"])
         labelled[where] = labelled.get(where, -1) + 1
         ax.annotate(label, (claim["parameters"], claim["final"] * 100), fontsize=8,
