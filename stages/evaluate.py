@@ -7,6 +7,14 @@ Adds its metrics and reports to the MLflow run the train stage opened for this m
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    # As in the train stage: the collector stays off through the imports (torch, MLflow,
+    # matplotlib) and the setup, whose objects are never garbage; what exists before the test
+    # pass is frozen, so that no later collection, nor the one at exit, walks it.
+    gc.disable()
+
 from mnistlab import timing  # first: the stage's own imports are timed from here
 
 import sys
@@ -57,6 +65,8 @@ def main() -> None:
 
     model = model.to(setup.device)
     lap("params, model, test data and MLflow store")
+    gc.freeze()  # what exists now (modules, model, data) is walked by no later collection
+    gc.enable()
     try:
         with tracking.added_to_finished_run(run_id):
             result = predict_split(model, test_data, stage_params.evaluate.batch_size, params.train,
@@ -102,3 +112,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    gc.freeze()  # the exit's collection then has nothing to walk: the process ends now
