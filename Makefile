@@ -19,7 +19,7 @@ JOBS ?= 1
 # RESUME=1 finishes each preset's latest group: only the repeats it is missing run.
 REPEATS_ARGS = --repeats "$(REPEATS)" --jobs "$(JOBS)" $(if $(RESUME),--resume)
 
-.PHONY: setup repro test test-fast ui ui-screenshot server postgres team-up team-down pull promote serve predict iterations readmes repeats search exps results results-check bench bench-experiment bench-overheads profile recipes same-recipe plots params remote clean-venv
+.PHONY: setup repro test test-fast ui ui-screenshot server postgres team-up team-down pull promote serve predict iterations readmes repeats compare search exps results results-check bench bench-experiment bench-overheads profile recipes same-recipe plots params remote clean-venv
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies (idempotent)
 
@@ -113,6 +113,12 @@ readmes: setup  ## the presets of READMEs 000 to 003, REPEATS random seeds each
 repeats: setup  ## any presets, REPEATS random seeds each: make repeats PRESETS="search8000 I3"
 	@test -n "$(PRESETS)" || { echo 'make repeats: give PRESETS="NAME ..." (names from conf/preset/)'; exit 2; }
 	$(BIN)/python -m tools.repeats $(REPEATS_ARGS) $(PRESETS)
+
+# Candidates scored on the validation split, each for the same random seeds, and the table of
+# their runs (tools/compare_on_validation.py): how I3's layout was chosen. REPORT=1 runs nothing.
+COMPARISON ?= I3_layout
+compare: setup  ## candidates of conf/comparisons/COMPARISON on the validation split, JOBS at a time (REPORT=1: table only)
+	$(BIN)/python -m tools.compare_on_validation "$(COMPARISON)" --jobs "$(JOBS)" $(if $(REPORT),--report --readme)
 
 # The most accurate model within BUDGET parameters: an Optuna study of TRIALS trials of
 # EPOCHS epochs, scored on the last VALIDATION training images, its best trial written to
