@@ -152,11 +152,15 @@ def cpu_model() -> str:
 
 
 def describe(device: torch.device) -> str:
-    """A human name for reports and figures: the GPU's model, or the CPU's model with the
-    number of threads torch uses."""
+    """A human name for reports and figures: the GPU's model, or the CPU's model, the vector
+    instructions torch's kernels use on it, and the number of threads torch uses, e.g.
+    "cpu: AMD EPYC, AVX512 (2 threads)". Virtual machines often name only the vendor's line
+    ("AMD EPYC"), and generations of one line differ in speed mostly by their vector width."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "Apple MPS"
     threads = torch.get_num_threads()
-    return f"cpu: {cpu_model()} ({threads} thread{'s' if threads != 1 else ''})"
+    isa = torch.backends.cpu.get_cpu_capability()  # AVX512, AVX2, SVE256, DEFAULT, ...
+    vector = f", {isa}" if isa != "DEFAULT" else ""
+    return f"cpu: {cpu_model()}{vector} ({threads} thread{'s' if threads != 1 else ''})"
