@@ -147,7 +147,7 @@ def table(comparison: Comparison, scores: Sequence[Score], command: str) -> list
     reference = comparison.candidates[0]
     devices = ", ".join(sorted({s.device for s in scores})) or "no runs yet"
     torches = ", ".join(sorted({s.torch_version for s in scores})) or "-"
-    lines = [f"Comparison `{comparison.name}` ({comparison.path.relative_to(CONF_DIR.parent)}): "
+    lines = [f"Comparison `{comparison.name}` ({comparison.path}): "
              f"final validation accuracy on the last {comparison.validation:,} training images, "
              f"trained on the others; on {devices}, torch {torches} (`{command}`)", "",
              "| candidate | parameters | " + " | ".join(f"seed {s}" for s in comparison.seeds)
@@ -175,10 +175,10 @@ def paired(comparison: Comparison, by: dict, reference: str, name: str) -> str:
     if len(differences) < 2:
         return f"needs two seeds of both (has {len(differences)})"
     stats = group_stats(differences)
-    sem = stats["sem"]
-    verdict = ("no difference" if abs(stats["mean"]) <= 2 * sem
-               else "ahead" if stats["mean"] > 0 else "behind")
-    return f"{stats['mean'] * 100:+.2f} pt +- {sem * 100:.2f} pt: {verdict}"
+    mean, sem = stats["mean"], stats["sem"]
+    verdict = "no difference" if abs(mean) <= 2 * sem else "ahead" if mean > 0 else "behind"
+    points = round(mean * 100, 2) or 0.0  # a gap that rounds to zero prints as +0.00, not -0.00
+    return f"{points:+.2f} pt +- {sem * 100:.2f} pt: {verdict}"
 
 
 def run_missing(comparison: Comparison, client, experiment_id: str, jobs: int) -> list[str]:
