@@ -43,6 +43,7 @@ from mnistlab.executables import child_env
 from mnistlab.fetch import ARCHIVE, RAW_DIR
 from mnistlab.timing import TIMELINE
 from tools import doc_blocks
+from tools.cli import OneLineParser, whole_number
 
 PROG = "benchmarks.experiment_time"
 LOOP_PHASES = ("training loop (with each epoch's checkpoint and metrics)", "test pass")
@@ -78,21 +79,6 @@ class Revision(NamedTuple):
 # --- the command line ------------------------------------------------------------------------
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a refused argument is one line, without the usage text above it."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
-def repeats_count(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and len(text) <= 2
-            and 1 <= int(text) <= MAX_REPEATS):
-        raise argparse.ArgumentTypeError(f"{text!r}: should be a whole number of runs from 1 "
-                                         f"to {MAX_REPEATS}")
-    return int(text)
-
-
 def revision(text: str) -> Revision:
     """`text` and the commit git resolves it to here, or refused before any run starts."""
     found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "--end-of-options",
@@ -108,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", default="I1")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a `dvc exp run -S` override, e.g. train.epochs=1")
-    parser.add_argument("--repeats", type=repeats_count, default=1, metavar="N",
+    parser.add_argument("--repeats", type=whole_number(1, MAX_REPEATS, "runs"), default=1, metavar="N",
                         help=f"runs of each side, 1 to {MAX_REPEATS}; medians are reported")
     parser.add_argument("--baseline", type=revision, metavar="REV",
                         help="a git revision to time too, alternating with the current checkout")

@@ -32,6 +32,7 @@ from mnistlab.config import CONF_DIR, ParamsError, compose, echo, parse_params
 from mnistlab.geometry import parameter_count
 from mnistlab.signals import raise_keyboard_interrupt
 from tools import doc_blocks
+from tools.cli import OneLineParser, whole_number
 from tools.repeat_stats import group_stats
 
 COMPARISONS_DIR = CONF_DIR / "comparisons"
@@ -201,17 +202,10 @@ def run_missing(comparison: Comparison, client, experiment_id: str, jobs: int) -
     return run_experiments(commands, jobs, envs)
 
 
-def jobs_count(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and len(text) < 4 and 1 <= int(text) <= 64):
-        raise argparse.ArgumentTypeError(f"{echo(text)}: should be a whole number from 1 to 64")
-    return int(text)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tools.compare_on_validation",
-                                     description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="tools.compare_on_validation", description=__doc__.split("\n")[0])
     parser.add_argument("comparison", help="a name from conf/comparisons/")
-    parser.add_argument("--jobs", type=jobs_count, default=1, help="experiments run at once (1 to 64)")
+    parser.add_argument("--jobs", type=whole_number(1, 64), default=1, help="experiments run at once (1 to 64)")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: print the table from the runs the store has")
     parser.add_argument("--readme", action="store_true",

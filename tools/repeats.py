@@ -35,6 +35,7 @@ from mnistlab import tracking
 from mnistlab.executables import child_env
 from mnistlab.signals import raise_keyboard_interrupt
 from mnistlab.config import PRESETS_DIR, echo, preset_names
+from tools.cli import is_whole_number
 from tools.repeat_stats import group_stats
 
 
@@ -68,8 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # One line naming the bad value and what is allowed, before anything runs.
     for option, most in (("repeats", MAX_REPEATS), ("jobs", MAX_JOBS)):
         value = getattr(args, option)
-        # isascii: '²' is a digit to str.isdigit but not to int(); the length keeps int() quick.
-        if not (value.isascii() and value.isdigit() and len(value) < 10 and 1 <= int(value) <= most):
+        if not is_whole_number(value, 1, most):
             parser.exit(2, f"tools.repeats: error: {option.upper()}={echo(value)}: should be a "
                            f"whole number of at least 1 and at most {most}\n")
         setattr(args, option, int(value))

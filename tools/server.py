@@ -39,6 +39,7 @@ from pathlib import Path
 from mnistlab.files import write_atomic
 from mnistlab.config import echo
 from mnistlab.tracking import redact
+from tools.cli import OneLineParser, is_whole_number
 
 PROG = "tools.server"
 # The databases MLflow's tracking store runs on (mlflow.store.db.db_types), each with an
@@ -70,11 +71,6 @@ class ServerError(RuntimeError):
     """A setting the tracking server cannot start with."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--backend", required=True, help="the database (BACKEND)")
@@ -93,8 +89,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def whole_number(name: str, value: str, least: int, most: int) -> int:
-    # isascii: '²' is a digit to str.isdigit, not to int(); the length keeps int() quick.
-    if not (value.isascii() and value.isdigit() and len(value) < 10 and least <= int(value) <= most):
+    if not is_whole_number(value, least, most):
         raise ServerError(f"{name}={echo(value)}: should be a whole number from {least} to {most}")
     return int(value)
 
