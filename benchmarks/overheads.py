@@ -143,7 +143,7 @@ def main() -> None:
         parser.error(f"train.epochs = {params.train.epochs} in params.yaml: the steady epoch "
                      "is a run's second, so the recipe needs at least 2 epochs")
     try:  # a missing device or MNIST is refused before anything is timed
-        setup = runtime.setup(args.device, params.train.precision, params.train.cudnn_benchmark)
+        setup = runtime.setup(params, device=args.device)
         train = load_split(train=True, limit=params.train.limit_train, device=setup.device)
         test = load_split(train=False, limit=params.train.limit_test, device=setup.device)
     except (ParamsError, DataError, OSError) as err:

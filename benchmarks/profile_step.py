@@ -78,7 +78,7 @@ def main() -> None:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 
     params = load_params()
-    setup = runtime.setup(args.device, params.train.precision, params.train.cudnn_benchmark)
+    setup = runtime.setup(params, device=args.device)
     device, dtype = setup.device, setup.dtype
     train = load_split(train=True, device=device)
     if (args.steps + 3) * params.train.batch_size > len(train):

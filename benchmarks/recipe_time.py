@@ -22,7 +22,6 @@ import torch
 from benchmarks.common import header, sync
 from mnistlab.data import load_split
 from mnistlab import runtime
-from mnistlab.runtime import resolve_precision
 from mnistlab.loop import TARGET_ACCURACY, TrainingRun, time_to_accuracy
 from mnistlab.model import count_parameters
 from mnistlab.config import Params, ParamsError, compose, parse_params
@@ -31,7 +30,7 @@ from tools.results_table import reported as reported_figures
 
 def time_recipe(params: Params, device: torch.device, train, test) -> dict:
     """Train `params`' recipe once; its history, loop seconds and summary figures."""
-    dtype = resolve_precision(params.train.precision, device)
+    dtype = runtime.setup(params, device=device.type).dtype
     sync(device)
     started = time.perf_counter()
     run = TrainingRun.start(params, train, test, dtype)  # the train stage's own run
@@ -79,7 +78,7 @@ def main() -> None:
         raise SystemExit(f"benchmarks.recipe_time: error: {err}") from None
     first = next(iter(presets.values())).train  # process-wide settings: --set applies to all
     # Each preset's own precision is resolved when it trains (time_recipe).
-    device = runtime.setup(args.device, first.precision, first.cudnn_benchmark).device
+    device = runtime.setup(next(iter(presets.values())), device=args.device).device
     train = load_split(train=True, limit=first.limit_train, device=device)
     test = load_split(train=False, limit=first.limit_test, device=device)
 

@@ -117,7 +117,7 @@ def main() -> None:
     if args.epochs:
         params = params.model_copy(update={"train": params.train.model_copy(
             update={"epochs": args.epochs})})
-    setup = runtime.setup(args.device, params.train.precision, params.train.cudnn_benchmark)
+    setup = runtime.setup(params, device=args.device)
     device, dtype = setup.device, setup.dtype
     train = load_split(train=True, device=device)
     test = load_split(train=False, device=device)

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import fork_safe, fresh_training, header, sources_loader, sync
 from mnistlab.data import Split, load_split
 from mnistlab import runtime
-from mnistlab.runtime import cpu_flags, cpu_has_fast_bf16
+from mnistlab.runtime import cpu_flags
 from mnistlab.loop import (
     make_optimizer,
     make_scheduler,
@@ -218,8 +218,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params()
-    setup = runtime.setup(args.device, params.train.precision, params.train.cudnn_benchmark,
-                          keep_memory=args.malloc == "keep")
+    setup = runtime.setup(params, device=args.device, keep_memory=args.malloc == "keep")
     device, auto_dtype = setup.device, setup.dtype
     train = load_split(train=True, device=device)
     flops = flops_per_image(params, device)
@@ -294,11 +293,16 @@ def main() -> None:
     lines += [f"Matmul ceiling ({2048}x{2048}, {str(dtype).removeprefix('torch.')}"
               f"{', TF32 tensor cores' if tf32 and dtype == torch.float32 else ''}): "
               f"{rate / 1e12:.3f} TFLOP/s." for dtype, rate in ceilings.items()]
+    lines.append(f"The project's row trains in the precision `train.precision: "
+                 f"{params.train.precision}` resolves to: {setup.why}.")
     print("\n" + "\n".join(lines))
     if args.readme:
-        # A CPU with AMX trains in bf16 (`precision: auto`): its figures get their own block.
-        amx = device.type == "cpu" and cpu_has_fast_bf16()
+        # A CPU with AMX tiles, or whose kernels are narrower than AVX-512 (another CPU, or
+        # this one under ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA), gets its own block.
+        isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else "AVX512"
+        amx = device.type == "cpu" and "amx_bf16" in cpu_flags()
         block = (f"bench-{device.type}" + ("-amx" if amx else "")
+                 + (f"-{isa.lower()}" if isa not in ("AVX512", "DEFAULT") else "")
                  + ("-malloc-default" if args.malloc == "default" else "")
                  + ("-attempts" if args.attempts else ""))
         doc_blocks.update({block: lines})

@@ -7,17 +7,18 @@ will not be continued has that run marked KILLED, so that no run stays RUNNING f
 
 from __future__ import annotations
 
-from mnistlab import tracking
+from mnistlab import runtime, tracking
 from mnistlab.checkpoint import load_checkpoint, load_resumable
 from mnistlab.loop import TrainingRun
 from mnistlab.paths import CHECKPOINT_FILE
 
 
-def resume_or_open(run: TrainingRun, experiment_id: str, device_name: str) -> str:
+def resume_or_open(run: TrainingRun, experiment_id: str, setup: runtime.Runtime) -> str:
     """Restore `run` from the checkpoint if `train.resume` allows, else open a new MLflow run
-    with the params; returns the MLflow run id."""
+    with the params, tagged with the device and why it trains in its precision; returns the
+    MLflow run id."""
     params = run.params
-    tags = tracking.run_tags(device_name, {"preset": params.base.preset})
+    tags = tracking.run_tags(setup.name, {"preset": params.base.preset, "precision": setup.why})
     checkpoint = load_checkpoint(quiet=not params.train.resume)
     resumed = load_resumable(params, checkpoint)
     if resumed is None:

@@ -2,7 +2,8 @@
 
 Every caller that trains or scores (the train and evaluate stages, the search, the
 benchmarks) starts with `setup`, which resolves the device, sets the process-wide settings
-for it and picks the autocast precision, once, in that order.
+for it and picks the autocast precision, once, in that order. `train.precision: auto` on a
+CPU is measured (mnistlab/precision.py); everywhere else it is a fixed rule.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from mnistlab import precision
 from mnistlab.host import host_memory_bytes
-from mnistlab.config import ParamsError
+from mnistlab.config import Params, ParamsError
 
 
 @dataclass(frozen=True)
@@ -23,16 +25,18 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype  # the autocast dtype; weights are always kept in fp32
     name: str           # the device as reports and MLflow name it: `describe(device)`
+    why: str            # why this dtype, for the log and the MLflow run's `precision` tag
 
 
-def setup(device: str, precision: str = "auto", cudnn_benchmark: bool = False,
-          keep_memory: bool = True) -> Runtime:
-    """Resolve `device` (train.device: auto, cpu, cuda, mps), configure the process for it,
-    and resolve `precision` (train.precision) on it. A device this machine lacks is a
-    ParamsError naming the ones it has."""
-    resolved = resolve_device(device)
-    configure(resolved, cudnn_benchmark, keep_memory)
-    return Runtime(resolved, resolve_precision(precision, resolved), describe(resolved))
+def setup(params: Params, device: str | None = None, keep_memory: bool = True) -> Runtime:
+    """Resolve `device` (default: params' train.device: auto, cpu, cuda, mps), configure the
+    process for it, and resolve train.precision on it for params' model. A device this
+    machine lacks is a ParamsError naming the ones it has."""
+    resolved = resolve_device(device or params.train.device)
+    configure(resolved, params.train.cudnn_benchmark, keep_memory)
+    name = describe(resolved)
+    dtype, why = resolve_precision(params, resolved, name)
+    return Runtime(resolved, dtype, name, why)
 
 
 def available_devices() -> list[str]:
@@ -119,26 +123,22 @@ def cpu_flags() -> set[str]:
             for flag in line.partition(":")[2].split()}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has AMX tiles for bf16 matmuls. AVX512-BF16 alone is not enough:
-    on a 2-core Xeon that has it (and no AMX), I1 trained faster in fp32 than under bf16
-    autocast once freed memory was kept, and its bf16 matmul ran at half the fp32 rate."""
-    return "amx_bf16" in cpu_flags()
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: bf16 where it was measured faster (`auto`), else fp32.
-    Under autocast, BatchNorm and the loss stay in fp32; weights are always kept in fp32."""
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    # Not on CUDA: these CNNs' kernels are too small for bf16's arithmetic to matter, and
-    # its casts are extra kernels. On an H100, I1 trained faster in fp32 (TF32), the
-    # benchmark's `project, bf16 autocast` row.
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return torch.float32
+def resolve_precision(params: Params, device: torch.device,
+                      device_name: str) -> tuple[torch.dtype, str]:
+    """The autocast dtype for train.precision, and why: bf16 or fp32 as set, or for `auto`
+    bf16 where it trains params' model faster. Under autocast, BatchNorm and the loss stay in
+    fp32; weights are always kept in fp32."""
+    name = params.train.precision
+    if name != "auto":
+        return (torch.bfloat16 if name == "bf16" else torch.float32), f"{name}: set by train.precision"
+    if device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        measurement = precision.auto_on_cpu(params, device_name)
+        return measurement.dtype, measurement.reason
+    # A CPU with neither flag emulates bf16, far slower: not worth timing. On CUDA these CNNs'
+    # kernels are too small for bf16's arithmetic to matter, and its casts are extra kernels:
+    # on an H100, I1 trained faster in fp32 (TF32), the benchmark's `project, bf16 autocast` row.
+    return torch.float32, f"auto chose fp32: the rule for {device.type}" + (
+        " without bf16 instructions" if device.type == "cpu" else "")
 
 
 def cpu_model() -> str:

@@ -51,8 +51,9 @@ def main() -> None:
     try:
         stage_params = load_params()
         model, params, run_id = load_model()
-        # The device is this run's choice; the precision is the one the model was trained in.
-        setup = runtime.setup(stage_params.train.device, params.train.precision)
+        # The device is this run's choice; the precision is the one the model was trained in
+        # (for `auto`, read back from the cache the train stage's measurement wrote).
+        setup = runtime.setup(params, device=stage_params.train.device)
         test_data = load_split(train=False, limit=params.train.limit_test, device=setup.device,
                                verify_md5=stage_params.data.verify_md5)
         tracking.connect()

@@ -57,11 +57,12 @@ def main() -> None:
     lap("params, data and MLflow store")
     run = TrainingRun.start(params, data.train, data.holdout, setup.dtype,
                             holdout_name=data.holdout_name)
-    run_id = resume_or_open(run, experiment_id, setup.name)
+    run_id = resume_or_open(run, experiment_id, setup)
     print(f"train: {count_parameters(run.model):,} parameters on {setup.name}, "
           f"{str(run.dtype).removeprefix('torch.')}, {len(run.train):,} training images, "
           f"{len(run.holdout):,} {run.holdout_name} images scored per epoch, "
-          f"MLflow run {run_id} at {tracking.redact(tracking.tracking_uri())}")
+          f"MLflow run {run_id} at {tracking.redact(tracking.tracking_uri())}\n"
+          f"train: precision {setup.why}")
     with tracking.run_status(run_id):
         lineage.log_dataset(RAW_DIR, verified=params.data.verify_md5)
         lap("model, MLflow run and dataset")
@@ -82,8 +83,7 @@ def prepare() -> tuple:
     try:
         params, _ = plan.check(read_params_file())  # the validate stage's checks, again
         tracking.caller_tags()  # a malformed PIPELINE_RUN_TAGS, before any work
-        setup = runtime.setup(params.train.device, params.train.precision,
-                              params.train.cudnn_benchmark)
+        setup = runtime.setup(params)
         data = load_training_data(params.train, setup.device, verify_md5=params.data.verify_md5)
         return params, setup, data, tracking.connect()
     except (ParamsError, DataError, tracking.TrackingError) as err:

@@ -19,6 +19,9 @@ def tiny_project_home(tmp_path_factory) -> None:
     folder above each worker's own is this run's, shared: one worker builds, all copy."""
     base = tmp_path_factory.getbasetemp()
     helpers.TEMPLATE_HOME = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    # `train.precision: auto` caches what it measured on this CPU (mnistlab/precision.py):
+    # the tests' runs, and the stages they start, share this run's cache, not the user's.
+    os.environ["MNISTLAB_CACHE_DIR"] = str(helpers.TEMPLATE_HOME / "cache")
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from dvc.utils.hydra import compose_and_dump
 from hydra.errors import HydraException
 
 from mnistlab import geometry
-from mnistlab.runtime import resolve_device, resolve_precision
+from mnistlab.runtime import resolve_device
 from mnistlab.model import build_model, count_parameters
 from mnistlab.config import ParamsError, load_params, parse_params
 
@@ -400,18 +400,6 @@ def test_unavailable_device_is_a_params_error(device):
 def test_auto_and_cpu_devices_resolve():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in {"cuda", "mps", "cpu"}
-
-
-@pytest.mark.parametrize("flags, expected", [
-    ("fpu avx512f avx512_bf16 avx512_fp16", torch.float32),  # a 2-core Intel Xeon: fp32 trains faster there
-    ("fpu avx512f avx512_bf16 amx_tile amx_bf16", torch.bfloat16),
-    ("fpu sse2 avx2", torch.float32),
-])
-def test_auto_precision_on_a_cpu_takes_bf16_only_with_amx(monkeypatch, flags, expected):
-    monkeypatch.setattr(Path, "read_text", lambda self, *args, **kwargs: f"flags\t: {flags}\n")
-    assert resolve_precision("auto", torch.device("cpu")) == expected
-    assert resolve_precision("fp32", torch.device("cpu")) == torch.float32
-    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 # --- parameter counts ----------------------------------------------------------------------

@@ -57,6 +57,7 @@ def test_one_finished_mlflow_run_with_every_epoch(project):
     assert run_.info.status == "FINISHED"
     assert run_.data.params["train.epochs"] == "2" and run_.data.params["model.head"] == "fc"
     assert run_.data.tags["device"].startswith("cpu") and "git_commit" in run_.data.tags
+    assert run_.data.tags["precision"] == "fp32: set by train.precision"  # the tiny project's
     history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "test_accuracy")
     assert [m.step for m in history] == [1, 2]
     for name in ("train_loss", "train_accuracy", "test_loss", "lr", "epoch_seconds"):

@@ -664,8 +664,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from mnistlab import runtime
 
     try:
-        setup = runtime.setup(base_params.train.device, base_params.train.precision,
-                              base_params.train.cudnn_benchmark)
+        setup = runtime.setup(base_params)
         recipe = base_params.train.model_copy(update={"validation": args.validation})
         data = load_training_data(recipe, setup.device, verify_md5=base_params.data.verify_md5)
         storage = open_storage(storage_url())
