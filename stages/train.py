@@ -26,7 +26,7 @@ import time
 
 import mlflow
 
-from mnistlab import lineage, plan, runtime, tracking
+from mnistlab import lineage, plan, precision, runtime, tracking
 from mnistlab.checkpoint import save_checkpoint, save_model
 from mnistlab.config import ParamsError, read_params_file
 from mnistlab.data import DataError, load_training_data
@@ -130,6 +130,7 @@ def finish(run: TrainingRun, run_id: str, train_seconds: float, device_name: str
                                          sum(m["epoch_seconds"] for m in history)),
         **time_to_accuracy(history, TARGET_ACCURACY, score),
         "device": device_name,
+        "precision": precision.NAMES[run.dtype],  # fp32 or bf16, as train.precision names them
     }
     write_json(TRAIN_METRICS_FILE, summary)
     mlflow.log_metrics({f"best_{score}": best[score],

@@ -123,18 +123,20 @@ def test_step_profile_names_where_the_time_goes(tiny_mnist, default_params):
     assert profile_step.kind_of("aten::add_") == profile_step.OTHER
 
 
-@pytest.mark.parametrize("seconds, expected", [
-    (41.7, "99.4% test accuracy first reached after epoch 3, 42 s on cpu"),
-    (None, "99.4% test accuracy never reached on cpu"),
+@pytest.mark.parametrize("seconds, precision, expected", [
+    (41.7, {"precision": "bf16"}, "99.4% test accuracy first reached after epoch 3, 42 s on cpu, bf16."),
+    (None, {"precision": "fp32"}, "99.4% test accuracy never reached on cpu, fp32."),
+    (None, {}, "99.4% test accuracy never reached on cpu."),  # written before it was recorded
 ])
-def test_default_run_line_reports_time_to_target(tmp_path, monkeypatch, seconds, expected):
+def test_default_run_line_reports_time_to_target_and_precision(tmp_path, monkeypatch, seconds,
+                                                                precision, expected):
     reports = tmp_path / "reports"
     reports.mkdir()
     (reports / "train_metrics.json").write_text(json.dumps({
         "best_test_accuracy": 0.995, "best_epoch": 10,
         "epochs": 10, "params": 20978, "train_seconds": 120.0, "epoch_images_per_second": 5000,
         "epoch_to_target": 3 if seconds else None, "seconds_to_target": seconds,
-        "target_accuracy": 0.994, "device": "cpu"}))
+        "target_accuracy": 0.994, "device": "cpu", **precision}))
     (reports / "metrics.json").write_text(json.dumps({"test_accuracy": 0.995, "test_errors": 50}))
     (reports / "model_report.json").write_text(json.dumps({"preset": "default"}))
     monkeypatch.chdir(tmp_path)

@@ -33,6 +33,10 @@ BASELINE, OTHER_COMMIT = "a" * 40, "b" * 40
 HISTORY = {"I3-s0": [0.9800, 0.9953, 0.9953], "I3-s1": [0.9810, 0.9940, 0.9961]}
 FINAL = {"I3-s0": 0.9953, "I3-s1": 0.9961}
 BEST_EPOCH = {"I3-s0": 2, "I3-s1": 3}
+# The train stage's `precision` tag: I3-s1 trained under bf16 as `auto` chose; I3-s0's run is
+# older than the tag and names only its device.
+PRECISION_TAG = {"I3-s1": {"precision": "auto chose bf16: bf16 autocast trained I1's model at 1.41x"}}
+DEVICE_SHOWN = {"I3-s0": DEVICE, "I3-s1": f"{DEVICE}, bf16"}
 CLAIMS = {"I3": {"source": "README 004", "parameters": 14_500, "final": 0.996,
                  "printed": "99.6%", "rounding": 0.0005},
           "I1": {"source": "README 004", "parameters": 20_978, "final": 0.996,
@@ -45,7 +49,7 @@ def logged_run(client, experiment_id, name, history, final, commit=BASELINE, sta
     accuracy and the final model's."""
     run = client.create_run(experiment_id, start_time=start, run_name=name, tags={
         "dvc_exp_name": name, "dvc_exp_baseline_rev": commit, "git_commit": commit,
-        "device": DEVICE, "torch_version": TORCH})
+        "device": DEVICE, "torch_version": TORCH, **PRECISION_TAG.get(name, {})})
     run_id = run.info.run_id
     client.log_batch(run_id, metrics=[Metric("test_accuracy", value, start, epoch)
                                       for epoch, value in enumerate(history, start=1)]
@@ -114,7 +118,7 @@ def test_recording_keeps_each_seed_with_the_run_it_came_from(store, capsys):
 
     assert ledger["I3"]["runs"] == [
         {"seed": seed, "final_test_accuracy": FINAL[name], "best_epoch": BEST_EPOCH[name],
-         "run_id": ids[name], "device": DEVICE, "torch_version": TORCH, "git_commit": BASELINE,
+         "run_id": ids[name], "device": DEVICE_SHOWN[name], "torch_version": TORCH, "git_commit": BASELINE,
          "dvc_exp_name": name}
         for seed, name in enumerate(("I3-s0", "I3-s1"))]
     stats = group_stats([FINAL["I3-s0"], FINAL["I3-s1"]])
@@ -231,3 +235,14 @@ def test_check_refuses_a_preset_it_cannot_re_derive(tmp_path, monkeypatch, capsy
     assert check(tmp_path, monkeypatch, ledger, *presets) == 2
     assert capsys.readouterr().err == message
     assert not (tmp_path / "mlflow.db").exists()  # refused before the store was opened
+
+
+@pytest.mark.parametrize("tag, shown", [
+    ("auto chose bf16: bf16 autocast trained I1's model at 1.41x fp32's speed", f"{DEVICE}, bf16"),
+    ("auto chose fp32: the rule for cuda", f"{DEVICE}, fp32"),
+    ("bf16: set by train.precision", f"{DEVICE}, bf16"),
+    (None, DEVICE),
+    ("something else", DEVICE),
+])
+def test_the_device_names_the_precision_the_run_trained_in(tag, shown):
+    assert results_table.with_precision(DEVICE, tag) == shown

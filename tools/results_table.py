@@ -205,9 +205,18 @@ def traced(groups: dict[str, list[Repeat]], client, experiment_id: str,
                 continue
             tags = run.data.tags
             found.setdefault(preset, []).append(replace(
-                repeat, run_id=run.info.run_id, torch_version=tags.get("torch_version"),
+                repeat, device=with_precision(repeat.device, tags.get("precision")),
+                run_id=run.info.run_id, torch_version=tags.get("torch_version"),
                 git_commit=tags.get("dvc_exp_baseline_rev") or tags.get("git_commit")))
     return found
+
+
+def with_precision(device: str, tag: str | None) -> str:
+    """The device with the precision the run trained in, from its MLflow tag `precision`
+    (mnistlab.runtime: "auto chose bf16: ..." or "fp32: set by train.precision"), e.g.
+    "cpu: AMD EPYC, AVX512 (1 thread), bf16"; runs tagged before it existed: the device."""
+    match = re.match(r"(?:auto chose )?(fp32|bf16)\b", tag or "")
+    return f"{device}, {match[1]}" if match else device
 
 
 def recorded_repeats(found: dict[str, dict]) -> dict[str, list[Repeat]]:
@@ -511,7 +520,7 @@ def default_run() -> list[str]:
         f"{train['epochs']}; {train['params']:,} parameters; training loop "
         f"{train['train_seconds']:.0f} s ({train['epoch_images_per_second']:,} training images/s, "
         f"test passes included){to_target} "
-        f"on {train['device']}.",
+        f"on {train['device']}{', ' + train['precision'] if 'precision' in train else ''}.",
     ]
 
 
