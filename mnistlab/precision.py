@@ -2,13 +2,14 @@
 and under bf16 autocast, and train in the faster.
 
 Whether bf16 pays on a CPU depends on more than its flags. On a 2-core AMD EPYC with
-AVX512-BF16 and no AMX, bf16 autocast trained I1 1.39x faster than fp32; on a 2-core Xeon
-with the same flag, fp32 was faster. So `auto` measures instead of guessing: a few steps of
-each, interleaved, once per CPU (its model, vector instructions and thread count) and torch
-version. The answer is kept in a small JSON file outside the repository
-(`$XDG_CACHE_HOME/mnistlab/precision.json`, by default `~/.cache/...`; `MNISTLAB_CACHE_DIR`
-moves it), so that every later run on that CPU, and the evaluate stage after it, reads the
-same answer instead of timing again. Delete the file to measure again.
+AVX512-BF16 and no AMX, bf16 autocast trained I1 about 1.4x faster than fp32 (`make bench`,
+docs/performance.md); on a 2-core Xeon with the same flag, fp32 was faster. So `auto`
+measures instead of guessing: a few steps of each, interleaved, once per CPU (its model,
+vector instructions and thread count) and torch version. The answer is kept in a small JSON
+file outside the repository (`$XDG_CACHE_HOME/mnistlab/precision.json`, by default
+`~/.cache/...`; `MNISTLAB_CACHE_DIR` moves it), so that every later run on that CPU, and the
+evaluate stage after it, reads the same answer instead of timing again. Delete the file to
+measure again.
 
 The measurement draws its random weights and images from torch's generator inside
 `torch.random.fork_rng`, so it leaves the run's random streams exactly as it found them:
@@ -32,8 +33,8 @@ from mnistlab.files import write_json
 # Training steps of each precision per round; rounds alternate fp32 and bf16, and each
 # precision's fastest round counts (the least disturbed by whatever else the CPU ran).
 STEPS, ROUNDS, WARMUP_STEPS = 6, 3, 2
-# bf16 must train at least this much faster to be chosen: fp32 is exact on every CPU, so a
-# tie within the measurement's noise goes to it.
+# bf16 must train at least this much faster to be chosen: fp32 is the precision the sources
+# trained in, so a tie within the measurement's noise goes to it.
 MIN_SPEEDUP = 1.05
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
