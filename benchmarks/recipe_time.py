@@ -76,11 +76,11 @@ def main() -> None:
         presets = {name: parse_params(compose(name, overrides=args.set)) for name in args.presets}
     except ParamsError as err:
         raise SystemExit(f"benchmarks.recipe_time: error: {err}") from None
-    first = next(iter(presets.values())).train  # process-wide settings: --set applies to all
+    first = next(iter(presets.values()))  # process-wide settings: --set applies to all
     # Each preset's own precision is resolved when it trains (time_recipe).
-    device = runtime.setup(next(iter(presets.values())), device=args.device).device
-    train = load_split(train=True, limit=first.limit_train, device=device)
-    test = load_split(train=False, limit=first.limit_test, device=device)
+    device = runtime.setup(first, device=args.device).device
+    train = load_split(train=True, limit=first.train.limit_train, device=device)
+    test = load_split(train=False, limit=first.train.limit_test, device=device)
 
     lines = [
         header(device, f"python -m benchmarks.recipe_time --device {args.device} --presets "
