@@ -283,9 +283,10 @@ def test_dvc_exp_run_resumes_the_interrupted_run_into_the_same_mlflow_run(tmp_pa
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], project)
     (baseline,) = mlflow_runs(project)
 
-    # Many short epochs: Ctrl-C lands while the stage trains, however late DVC passes on the
-    # "epoch 2" line on a loaded machine.
-    epochs = 30
+    # Many short epochs: Ctrl-C lands while the stage trains, however late this process
+    # reads the "epoch 2" line on a loaded machine (with 30, a busy test run once read it
+    # only after the stage had trained them all).
+    epochs = 80
     recipe = ["-S", f"train.epochs={epochs}"]
     stderr = (tmp_path / "exp-stderr.log").open("w")
     exp = subprocess.Popen([dvc, "exp", "run", *recipe], cwd=project, env=stage_env(),
