@@ -30,7 +30,7 @@ from tools.results_table import reported as reported_figures
 
 def time_recipe(params: Params, device: torch.device, train, test) -> dict:
     """Train `params`' recipe once; its history, loop seconds and summary figures."""
-    dtype = runtime.setup(params, device=device.type).dtype
+    dtype, _ = runtime.resolve_precision(params, device, runtime.describe(device))
     sync(device)
     started = time.perf_counter()
     run = TrainingRun.start(params, train, test, dtype)  # the train stage's own run

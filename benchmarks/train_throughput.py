@@ -299,10 +299,12 @@ def main() -> None:
     if args.readme:
         # A CPU with AMX tiles, or whose kernels are narrower than AVX-512 (another CPU, or
         # this one under ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA), gets its own block.
-        isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else "AVX512"
-        amx = device.type == "cpu" and "amx_bf16" in cpu_flags()
+        cpu = device.type == "cpu"
+        isa = torch.backends.cpu.get_cpu_capability()
+        amx = cpu and "amx_bf16" in cpu_flags()
+        narrower = cpu and isa not in ("AVX512", "DEFAULT")
         block = (f"bench-{device.type}" + ("-amx" if amx else "")
-                 + (f"-{isa.lower()}" if isa not in ("AVX512", "DEFAULT") else "")
+                 + (f"-{isa.lower()}" if narrower else "")
                  + ("-malloc-default" if args.malloc == "default" else "")
                  + ("-attempts" if args.attempts else ""))
         doc_blocks.update({block: lines})

@@ -36,7 +36,9 @@ STEPS, ROUNDS, WARMUP_STEPS = 6, 3, 2
 # bf16 must train at least this much faster to be chosen: fp32 is the precision the sources
 # trained in, so a tie within the measurement's noise goes to it.
 MIN_SPEEDUP = 1.05
-NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+# train.precision's names for the two autocast dtypes, and back.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Measurement:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.choice == "bf16" else torch.float32
+        return DTYPES[self.choice]
 
     @property
     def reason(self) -> str:

@@ -130,7 +130,7 @@ def resolve_precision(params: Params, device: torch.device,
     fp32; weights are always kept in fp32."""
     name = params.train.precision
     if name != "auto":
-        return (torch.bfloat16 if name == "bf16" else torch.float32), f"{name}: set by train.precision"
+        return precision.DTYPES[name], f"{name}: set by train.precision"
     if device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         measurement = precision.auto_on_cpu(params, device_name)
         return measurement.dtype, measurement.reason

@@ -61,8 +61,8 @@ def main() -> None:
     print(f"train: {count_parameters(run.model):,} parameters on {setup.name}, "
           f"{str(run.dtype).removeprefix('torch.')}, {len(run.train):,} training images, "
           f"{len(run.holdout):,} {run.holdout_name} images scored per epoch, "
-          f"MLflow run {run_id} at {tracking.redact(tracking.tracking_uri())}\n"
-          f"train: precision {setup.why}")
+          f"MLflow run {run_id} at {tracking.redact(tracking.tracking_uri())}")
+    print(f"train: precision {setup.why}")
     with tracking.run_status(run_id):
         lineage.log_dataset(RAW_DIR, verified=params.data.verify_md5)
         lap("model, MLflow run and dataset")
