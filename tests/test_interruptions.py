@@ -292,10 +292,12 @@ def test_dvc_exp_run_resumes_the_interrupted_run_into_the_same_mlflow_run(tmp_pa
     exp = subprocess.Popen([dvc, "exp", "run", *recipe], cwd=project, env=stage_env(),
                            stdout=subprocess.PIPE, stderr=stderr, text=True,
                            start_new_session=True)  # Ctrl-C reaches a terminal's whole group
+    seen = []  # (seconds since the start, line): what this process read, and when
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        started = time.monotonic()
         for line in exp.stdout:
-            if line.startswith("train: epoch 2 ") or time.monotonic() > deadline:
+            seen.append(f"{time.monotonic() - started:6.1f} s  {line.rstrip()}")
+            if line.startswith("train: epoch 2 ") or time.monotonic() > started + STARTUP_TIMEOUT_S:
                 break
         os.killpg(exp.pid, signal.SIGINT)
         exp.communicate(timeout=120)
@@ -303,7 +305,8 @@ def test_dvc_exp_run_resumes_the_interrupted_run_into_the_same_mlflow_run(tmp_pa
         if exp.poll() is None:
             os.killpg(exp.pid, signal.SIGKILL)
         stderr.close()
-    assert exp.returncode != 0, (tmp_path / "exp-stderr.log").read_text()
+    assert exp.returncode != 0, "\n".join(["stdout as read:", *seen, "stderr:",
+                                           (tmp_path / "exp-stderr.log").read_text()])
     saved = torch.load(project / "models" / "checkpoint.pt", weights_only=True)
     epochs_done = len(saved["history"])
     assert 2 <= epochs_done < epochs, epochs_done
