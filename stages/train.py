@@ -15,8 +15,8 @@ if __name__ == "__main__":
     # Python's cyclic garbage collector walks every live object at each full collection. The
     # imports below (torch, MLflow) and the setup (torch's compiler, imported when the
     # optimiser is made; MLflow's SQL store) make some 400,000 objects that live to the end,
-    # and the collections they set off, plus the one at exit, cost seconds a run. So the
-    # collector is off until the training loop, where what exists is frozen (main).
+    # and the collections they set off cost seconds a run. So the collector is off until the
+    # training loop, where what exists is frozen (main).
     gc.disable()
 
 from mnistlab import timing  # first: the stage's own imports are timed from here
@@ -37,7 +37,7 @@ from mnistlab.mnist import RAW_DIR
 from mnistlab.model import count_parameters
 from mnistlab.paths import CHECKPOINT_FILE, CURVES_FILE, TRAIN_METRICS_FILE
 from mnistlab.resume import resume_or_open
-from mnistlab.signals import signals_deferred
+from mnistlab.signals import exit_finished, signals_deferred
 
 # The columns of reports/training_curves.csv. An epoch is scored on the test set or, with
 # `train.validation`, on the validation split; the other split's two columns stay empty, so
@@ -159,7 +159,6 @@ def _format(key: str, value: float) -> str:
 if __name__ == "__main__":
     try:
         main()
-        gc.freeze()  # the exit's collection then has nothing to walk: the process ends now
     except KeyboardInterrupt as err:
         # Ctrl-C or SIGTERM: tracking.run_status has marked the MLflow run KILLED, and every
         # finished epoch is in the checkpoint. One line instead of a traceback. (Ctrl-C's
@@ -173,3 +172,4 @@ if __name__ == "__main__":
         # The run is FAILED in MLflow (tracking.run_status), no model was saved, and the
         # checkpoint holds the last epoch that finished with a finite loss.
         sys.exit(f"train: error: {err}; the last good epoch is kept in {CHECKPOINT_FILE}")
+    exit_finished()  # everything is written: skip Python's teardown of torch and MLflow
