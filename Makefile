@@ -168,7 +168,7 @@ profile: setup  ## where a training step's time goes (torch.profiler, by kind of
 # training loop, reports, MLflow, DVC itself): EXPERIMENT_ARGS="--preset I3 --set train.device=cuda";
 # before and after a change, medians of alternating runs: EXPERIMENT_ARGS="... --baseline REV --repeats 3"
 EXPERIMENT_ARGS ?= --preset I1
-bench-experiment: setup  ## a whole experiment's wall time and its split; --baseline REV: before/after (EXPERIMENT_ARGS)
+bench-experiment: setup  ## a whole experiment's wall time and its split; --baseline REV (repeatable): before/after (EXPERIMENT_ARGS)
 	$(BIN)/python -m benchmarks.experiment_time $(EXPERIMENT_ARGS)
 
 bench-overheads: setup  ## per-epoch bookkeeping (MLflow, checkpoint) and no-op `dvc repro` times

@@ -1,8 +1,9 @@
 """A whole experiment, timed as a user waits for it: `dvc exp run` of a preset, end to end,
-and where its time goes; with --baseline, the same before and after a change.
+and where its time goes; with --baseline, the same before and after a change or a series of
+changes.
 
     python -m benchmarks.experiment_time [--preset I1] [--set KEY=VALUE ...]
-                                         [--repeats N] [--baseline REV] [--readme]
+                                         [--repeats N] [--baseline REV ...] [--readme]
                                                                  (`make bench-experiment`)
 
 It runs `dvc exp run --temp -f -n bench-<preset> -S preset=<preset> ...` with
@@ -15,8 +16,13 @@ stage's Python. The fixed cost is everything but the training loop and the test 
 --repeats N runs the experiment N times and reports each phase's median, so that one noisy
 run does not decide. --baseline REV also runs it in a temporary git worktree of REV (with
 this checkout's MNIST files and DVC cache), baseline and current alternating run by run, so
-that both meet the same load on the same CPU, and adds a table of the two fixed costs and
-their ratio. A baseline whose stages write no timeline still gets its whole wall clock.
+that both meet the same load on the same CPU, and adds a table of their fixed costs and
+ratio. --baseline may be given several times, e.g. one commit before each of a series of
+changes: every baseline gets its own worktree, all sides take turns run by run, and the
+table has one row per baseline in the order given, then the current checkout's, each with
+its fixed cost over the first row's and over the row above's, so that each change's share
+and the whole series' can be read. A baseline whose stages write no timeline still gets its
+whole wall clock.
 
 Each side's runs go to its own throw-away MLflow store (warmed up first, so its one-time
 table creation is not counted) and the benchmark's experiment is removed after each run:
@@ -49,7 +55,7 @@ PROG = "benchmarks.experiment_time"
 LOOP_PHASES = ("training loop (with each epoch's checkpoint and metrics)", "test pass")
 DVC_STAGE = "dvc"
 MAX_REPEATS = 20
-BASELINE, CURRENT = "baseline", "current"
+CURRENT = "current"
 
 Row = tuple[str, str, float]  # (stage, phase, seconds)
 
@@ -96,8 +102,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a `dvc exp run -S` override, e.g. train.epochs=1")
     parser.add_argument("--repeats", type=whole_number(1, MAX_REPEATS, "runs"), default=1, metavar="N",
                         help=f"runs of each side, 1 to {MAX_REPEATS}; medians are reported")
-    parser.add_argument("--baseline", type=revision, metavar="REV",
-                        help="a git revision to time too, alternating with the current checkout")
+    parser.add_argument("--baseline", type=revision, action="append", default=[], metavar="REV",
+                        help="a git revision to time too, alternating with the current checkout; "
+                             "repeat it to time several, one table row each in the order given")
     parser.add_argument("--readme", action="store_true",
                         help="write the tables into docs/performance.md")
     return parser.parse_args(argv)
@@ -207,28 +214,31 @@ def baseline_worktree(commit: str) -> Iterator[Path]:
 
 
 def measure(preset: str, overrides: list[str], repeats: int,
-            baseline: Revision | None) -> dict[str, list[Run]]:
-    """`repeats` runs of each side, the baseline (if any) first. The sides alternate run by
-    run, so that a change in the load beside them (other jobs on a shared CPU) falls on both
+            baselines: list[Revision]) -> list[list[Run]]:
+    """`repeats` runs of each side: the baselines in the order given, then the current
+    checkout, whose runs come last in the list returned. The sides take turns run by run, so
+    that a change in the load beside them (other jobs on a shared CPU) falls on all of them
     rather than on whichever side happened to run during it."""
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as cleanup:
-        checkouts = {CURRENT: Path.cwd()}
-        if baseline is not None:
-            checkouts = {BASELINE: cleanup.enter_context(baseline_worktree(baseline.commit)),
-                         **checkouts}
-        stores = {side: warmed_store(Path(scratch) / side) for side in checkouts}
-        runs: dict[str, list[Run]] = {side: [] for side in checkouts}
+        # Every worktree is entered in `cleanup`: all are removed whatever ends the runs.
+        sides = [(f"baseline {baseline.name}",
+                  cleanup.enter_context(baseline_worktree(baseline.commit)))
+                 for baseline in baselines] + [(CURRENT, Path.cwd())]
+        # Folders by position, not by name: the same revision may be given twice.
+        folders = [Path(scratch) / f"side-{index}" for index in range(len(sides))]
+        stores = [warmed_store(folder) for folder in folders]
+        runs: list[list[Run]] = [[] for _ in sides]
         for number in range(1, repeats + 1):
-            for side, checkout in checkouts.items():
-                timeline = Path(scratch) / side / f"timeline-{number}.jsonl"
+            for (side, checkout), folder, store, side_runs in zip(sides, folders, stores, runs):
+                timeline = folder / f"timeline-{number}.jsonl"
                 try:
-                    wall = run_experiment(preset, overrides, stores[side], timeline, checkout)
+                    wall = run_experiment(preset, overrides, store, timeline, checkout)
                 except subprocess.CalledProcessError as err:
-                    raise SystemExit(f"{PROG}: error: the {side} side's run {number} failed: "
+                    raise SystemExit(f"{PROG}: error: {side}'s run {number} failed: "
                                      f"dvc {' '.join(err.cmd[3:5])} exited with {err.returncode} "
                                      "(DVC's message is above)") from None
                 print(f"{side} run {number}/{repeats}: {wall:.1f} s", file=sys.stderr)
-                runs[side].append(Run(wall, split(timeline, wall)))
+                side_runs.append(Run(wall, split(timeline, wall)))
     return runs
 
 
@@ -268,20 +278,28 @@ def table(rows: list[Row], wall: float, heading: str) -> list[str]:
     return lines
 
 
-def before_after(baseline: tuple[str, Summary], current: tuple[str, Summary],
-                 heading: str) -> list[str]:
-    """The compact table: each side's medians by (label, summary), and the ratio of the
-    fixed costs on the current side's row."""
-    before, after = baseline[1].fixed, current[1].fixed
-    ratio = "—" if before is None or after is None else f"{after / before:.2f}x"
+def ratio(after: float | None, before: float | None) -> str:
+    """`after` over `before`, or a dash where either side recorded no phases."""
+    return "—" if before is None or after is None else f"{after / before:.2f}x"
+
+
+def before_after(sides: list[tuple[str, Summary]], heading: str) -> list[str]:
+    """The compact table: one row per side, by (label, summary), in the order given, with
+    its fixed cost over the first row's (the series so far) and over the row above's (the
+    last change alone)."""
     lines = [heading, "",
              "| run | whole run s | training loop and test pass s | fixed cost s "
-             "| fixed cost, current / baseline |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for (label, summary), cell in ((baseline, "—"), (current, ratio)):
+             "| fixed cost / first row's | fixed cost / row above's |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    first = sides[0][1].fixed
+    above = None  # the first row has no row above and is not compared with itself
+    for index, (label, summary) in enumerate(sides):
         loop = summary.missing or f"{summary.loop:.1f}"
         fixed = "—" if summary.fixed is None else f"{summary.fixed:.1f}"
-        lines.append(f"| {label} | {summary.whole:.1f} | {loop} | {fixed} | {cell} |")
+        to_first = ratio(summary.fixed, first if index else None)
+        lines.append(f"| {label} | {summary.whole:.1f} | {loop} | {fixed} "
+                     f"| {to_first} | {ratio(summary.fixed, above)} |")
+        above = summary.fixed
     return lines
 
 
@@ -298,26 +316,26 @@ def main(argv: list[str] | None = None) -> None:
 
     device = resolve_device(parse_params(compose(args.preset, args.set)).train.device)
     # The checkout as it is when the runs start: what the figures measure.
-    labels = {CURRENT: current_label()}
-    if args.baseline is not None:
-        short = git("rev-parse", "--short", args.baseline.commit)
-        labels[BASELINE] = f"baseline {args.baseline.name} ({short})"
+    labels = [f"baseline {baseline.name} ({git('rev-parse', '--short', baseline.commit)})"
+              for baseline in args.baseline] + [current_label()]
     runs = measure(args.preset, args.set, args.repeats, args.baseline)
     command = f"python -m {PROG} --preset {args.preset}" + "".join(
-        f" --set {item}" for item in args.set)
-    if args.baseline is not None:
-        command += f" --baseline {args.baseline.name}"
+        f" --set {item}" for item in args.set) + "".join(
+        f" --baseline {baseline.name}" for baseline in args.baseline)
     if args.repeats > 1:
         command += f" --repeats {args.repeats}"
     runs_text = "one run" if args.repeats == 1 else f"median of {args.repeats} runs"
-    current = runs[CURRENT]
+    alternating = ""
+    if args.baseline:
+        alternating = ", alternating with the baseline" + ("'s" if len(args.baseline) == 1
+                                                           else "s'")
+    current = runs[-1]
     blocks = {f"experiment-{device.type}": table(
         median_rows([run.rows for run in current]), median(run.wall for run in current),
-        header(device, command, runs_text + (", alternating with the baseline's"
-                                             if args.baseline is not None else "")))}
-    if args.baseline is not None:
+        header(device, command, runs_text + alternating))}
+    if args.baseline:
         blocks[f"experiment-{device.type}-before-after"] = before_after(
-            (labels[BASELINE], summarize(runs[BASELINE])), (labels[CURRENT], summarize(current)),
+            [(label, summarize(side_runs)) for label, side_runs in zip(labels, runs)],
             header(device, command, f"{runs_text} of each side, alternating"))
     print("\n\n".join("\n".join(lines) for lines in blocks.values()))
     if args.readme:

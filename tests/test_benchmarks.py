@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -176,6 +177,7 @@ def write_timeline(path: Path, phases: list[tuple[str, str, float, float]]) -> P
     (["--repeats", "21"], "from 1 to 20"),
     (["--repeats", "2.5"], "from 1 to 20"),
     (["--baseline", "no-such-revision"], "not a commit git knows"),
+    (["--baseline", "HEAD", "--baseline", "no-such-revision"], "not a commit git knows"),
     (["--baseline", "HEAD", "--repeats", "three"], "from 1 to 20"),
 ])
 def test_a_bad_repeats_or_baseline_is_refused_in_one_line_before_any_run(
@@ -201,8 +203,22 @@ def test_a_good_baseline_and_repeats_are_taken_with_the_commit_they_name(monkeyp
 
     monkeypatch.chdir(REPO)
     args = experiment_time.parse_args(["--baseline", "HEAD", "--repeats", "20"])
-    assert args.repeats == 20 and args.baseline.name == "HEAD"
-    assert re.fullmatch(r"[0-9a-f]{40}", args.baseline.commit)
+    [baseline] = args.baseline
+    assert args.repeats == 20 and baseline.name == "HEAD"
+    assert re.fullmatch(r"[0-9a-f]{40}", baseline.commit)
+    assert experiment_time.parse_args([]).baseline == []
+
+
+def test_several_baselines_are_kept_in_the_order_given_with_their_commits(monkeypatch):
+    """A series of changes: each --baseline names the commit before one of them."""
+    from benchmarks import experiment_time
+
+    monkeypatch.chdir(REPO)
+    args = experiment_time.parse_args(["--baseline", "HEAD~1", "--baseline", "HEAD"])
+    commits = subprocess.run(["git", "rev-parse", "HEAD~1", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert args.baseline == [experiment_time.Revision("HEAD~1", commits[0]),
+                             experiment_time.Revision("HEAD", commits[1])]
 
 
 def test_before_and_after_are_medians_and_the_ratio_of_their_fixed_costs(tmp_path):
@@ -231,15 +247,40 @@ def test_before_and_after_are_medians_and_the_ratio_of_their_fixed_costs(tmp_pat
     current = experiment_time.summarize(current_runs)
     assert (baseline.whole, baseline.loop, baseline.fixed) == (22.0, 7.0, 15.0)
     assert (current.whole, current.loop, current.fixed) == (14.0, 6.0, 8.0)
-    lines = experiment_time.before_after(("baseline old (abc1234)", baseline),
-                                         ("current (def5678)", current), "heading")
+    lines = experiment_time.before_after([("baseline old (abc1234)", baseline),
+                                          ("current (def5678)", current)], "heading")
     assert lines[0] == "heading"
-    assert lines[-2:] == ["| baseline old (abc1234) | 22.0 | 7.0 | 15.0 | — |",
-                          "| current (def5678) | 14.0 | 6.0 | 8.0 | 0.53x |"]
+    assert lines[-2:] == ["| baseline old (abc1234) | 22.0 | 7.0 | 15.0 | — | — |",
+                          "| current (def5678) | 14.0 | 6.0 | 8.0 | 0.53x | 0.53x |"]
     rows = experiment_time.median_rows([run.rows for run in current_runs])
     assert [row[:2] for row in rows] == [("train", "start-up and imports"), ("train", loop),
                                          ("evaluate", test), current_runs[0].rows[-1][:2]]
     assert "fixed cost 8.0 s" in experiment_time.table(rows, current.whole, "heading")[-1]
+
+
+def test_the_before_after_block_repeats_every_baseline_and_has_a_row_for_each(
+        monkeypatch, capsys):
+    """The header's command gives each --baseline as typed; the rows follow the sides in the
+    order measure() returns them, baselines first, then the current checkout."""
+    from benchmarks import experiment_time
+
+    def one_run(wall: float) -> list:
+        return [experiment_time.Run(wall, [("train", experiment_time.LOOP_PHASES[0], 1.0),
+                                           (experiment_time.DVC_STAGE, "DVC", wall - 1.0)])]
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(experiment_time, "measure",
+                        lambda *args: [one_run(30.0), one_run(20.0), one_run(10.0)])
+    experiment_time.main(["--baseline", "HEAD~1", "--baseline", "HEAD"])
+    printed = capsys.readouterr().out.splitlines()
+    headers = [line for line in printed if line.startswith("Device: ")]
+    assert len(headers) == 2 and "alternating with the baselines'" in headers[0]
+    assert all(line.endswith("--preset I1 --baseline HEAD~1 --baseline HEAD`") for line in headers)
+    short = {rev: experiment_time.git("rev-parse", "--short", rev) for rev in ("HEAD~1", "HEAD")}
+    rows = [line.split(" | ")[:2] for line in printed if line.startswith(("| baseline ", "| current ("))]
+    assert rows[:2] == [[f"| baseline HEAD~1 ({short['HEAD~1']})", "30.0"],
+                        [f"| baseline HEAD ({short['HEAD']})", "20.0"]]
+    assert rows[2][0].startswith("| current (") and rows[2][1] == "10.0" and len(rows) == 3
 
 
 def test_a_baseline_without_a_timeline_gets_its_wall_clock_and_no_ratio(tmp_path):
@@ -251,10 +292,44 @@ def test_a_baseline_without_a_timeline_gets_its_wall_clock_and_no_ratio(tmp_path
                                      for wall in (21.0, 25.0, 20.0)])
     assert (old.whole, old.loop, old.fixed) == (21.0, None, None)
     current = experiment_time.Summary(14.0, 6.0)
-    lines = experiment_time.before_after(("baseline old (abc1234)", old),
-                                         ("current (def5678)", current), "heading")
-    assert lines[-2:] == ["| baseline old (abc1234) | 21.0 | no phases recorded | — | — |",
-                          "| current (def5678) | 14.0 | 6.0 | 8.0 | — |"]
+    lines = experiment_time.before_after([("baseline old (abc1234)", old),
+                                          ("current (def5678)", current)], "heading")
+    assert lines[-2:] == ["| baseline old (abc1234) | 21.0 | no phases recorded | — | — | — |",
+                          "| current (def5678) | 14.0 | 6.0 | 8.0 | — | — |"]
+
+
+def test_a_series_of_changes_gets_each_rows_ratio_to_the_first_and_to_the_row_above(tmp_path):
+    """Two changes after a first baseline: the first-row column gives the series so far, the
+    row-above column each change alone; a row without phases leaves both of its cells and
+    the next row's row-above cell empty, while the next row's first-row cell still stands."""
+    from benchmarks import experiment_time
+
+    loop, test = experiment_time.LOOP_PHASES
+
+    def summary(name: str, wall: float, train_s: float, test_s: float):
+        timeline = write_timeline(tmp_path / f"{name}.jsonl", [
+            ("train", "start-up and imports", 0.0, 2.0),
+            ("train", loop, 2.0, 2.0 + train_s),
+            ("evaluate", test, 10.0, 10.0 + test_s)])
+        return experiment_time.summarize([experiment_time.Run(
+            wall, experiment_time.split(timeline, wall))])
+
+    first = summary("first", 24.0, 3.0, 1.0)    # fixed cost 20 s
+    second = summary("second", 19.0, 3.0, 1.0)  # 15 s
+    current = summary("current", 16.0, 3.0, 1.0)  # 12 s
+    lines = experiment_time.before_after([("baseline e6f1686 (e6f1686)", first),
+                                          ("baseline 8a00b0b (8a00b0b)", second),
+                                          ("current (2dd8fe3)", current)], "heading")
+    assert lines[2].endswith("| fixed cost / first row's | fixed cost / row above's |")
+    assert lines[-3:] == ["| baseline e6f1686 (e6f1686) | 24.0 | 4.0 | 20.0 | — | — |",
+                          "| baseline 8a00b0b (8a00b0b) | 19.0 | 4.0 | 15.0 | 0.75x | 0.75x |",
+                          "| current (2dd8fe3) | 16.0 | 4.0 | 12.0 | 0.60x | 0.80x |"]
+    unrecorded = experiment_time.summarize([experiment_time.Run(
+        30.0, experiment_time.split(tmp_path / "never-written.jsonl", 30.0))])
+    lines = experiment_time.before_after([("baseline a", first), ("baseline b", unrecorded),
+                                          ("current", current)], "heading")
+    assert lines[-2:] == ["| baseline b | 30.0 | no phases recorded | — | — | — |",
+                          "| current | 16.0 | 4.0 | 12.0 | 0.60x | — |"]
 
 
 @pytest.mark.parametrize("interruption", [RuntimeError("dvc exp run failed"), KeyboardInterrupt()])
@@ -290,9 +365,52 @@ def test_the_baseline_worktree_is_removed_when_a_run_fails(tmp_path, monkeypatch
     monkeypatch.setattr(experiment_time, "run_experiment", failing_run)
     baseline = experiment_time.revision("HEAD")
     with pytest.raises(type(interruption)):
-        experiment_time.measure("I1", [], 2, baseline)
+        experiment_time.measure("I1", [], 2, [baseline])
     [worktree] = checkouts  # the first run failed: nothing ran after it
     assert worktree != project and not worktree.exists()
+    listed = subprocess.run(["git", "worktree", "list", "--porcelain"], capture_output=True,
+                            text=True, check=True).stdout
+    assert [line for line in listed.splitlines() if line.startswith("worktree ")] \
+        == [f"worktree {project.resolve()}"]
+
+
+@pytest.mark.parametrize("interruption", [
+    subprocess.CalledProcessError(1, [sys.executable, "-m", "dvc", "exp", "run"]),
+    KeyboardInterrupt()])
+def test_every_baseline_worktree_is_removed_when_a_later_sides_run_fails(
+        tmp_path, monkeypatch, interruption):
+    """Two baselines, the same commit typed two ways: each runs in a worktree of its own, and
+    when the second one's run fails or is interrupted after the first one's succeeded, both
+    worktrees are gone and a failed run's error names the side it was."""
+    from helpers import tiny_project
+
+    from benchmarks import experiment_time
+
+    project = tiny_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setattr(experiment_time, "warmed_store", lambda folder: "sqlite:///unused.db")
+    checkouts = []
+
+    def second_run_fails(preset, overrides, store, timeline, checkout=None):
+        assert (checkout / "data/MNIST/raw.tar.gz").is_file()  # each worktree is set up
+        checkouts.append(checkout)
+        if len(checkouts) == 2:
+            raise interruption
+        return 10.0
+
+    monkeypatch.setattr(experiment_time, "run_experiment", second_run_fails)
+    short = experiment_time.git("rev-parse", "--short", "HEAD")
+    baselines = [experiment_time.revision("HEAD"), experiment_time.revision(short)]
+    expected = SystemExit if isinstance(interruption, subprocess.CalledProcessError) \
+        else KeyboardInterrupt
+    with pytest.raises(expected) as failed:
+        experiment_time.measure("I1", [], 2, baselines)
+    if expected is SystemExit:
+        assert f"baseline {short}'s run 1 failed" in str(failed.value.code)
+    first, second = checkouts
+    assert len({first, second, project}) == 3
+    assert not first.exists() and not second.exists()
     listed = subprocess.run(["git", "worktree", "list", "--porcelain"], capture_output=True,
                             text=True, check=True).stdout
     assert [line for line in listed.splitlines() if line.startswith("worktree ")] \
