@@ -332,13 +332,9 @@ def test_a_series_of_changes_gets_each_rows_ratio_to_the_first_and_to_the_row_ab
                           "| current | 16.0 | 4.0 | 12.0 | 0.60x | — |"]
 
 
-@pytest.mark.parametrize("interruption", [RuntimeError("dvc exp run failed"), KeyboardInterrupt()])
-def test_the_baseline_worktree_is_removed_when_a_run_fails(tmp_path, monkeypatch, interruption):
-    """The worktree of --baseline holds this checkout's MNIST files and uses its DVC cache
-    while the run goes; after a run that fails or is interrupted, no folder and no worktree
-    entry of git's is left."""
-    import subprocess
-
+def project_to_measure(tmp_path: Path, monkeypatch) -> Path:
+    """A tiny project with one commit, as the current directory, whose runs experiment_time
+    measures with a stand-in for the MLflow store (the tests fake the runs themselves)."""
     from helpers import tiny_project
 
     from benchmarks import experiment_time
@@ -347,6 +343,17 @@ def test_the_baseline_worktree_is_removed_when_a_run_fails(tmp_path, monkeypatch
     monkeypatch.chdir(project)
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.setattr(experiment_time, "warmed_store", lambda folder: "sqlite:///unused.db")
+    return project
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError("dvc exp run failed"), KeyboardInterrupt()])
+def test_the_baseline_worktree_is_removed_when_a_run_fails(tmp_path, monkeypatch, interruption):
+    """The worktree of --baseline holds this checkout's MNIST files and uses its DVC cache
+    while the run goes; after a run that fails or is interrupted, no folder and no worktree
+    entry of git's is left."""
+    from benchmarks import experiment_time
+
+    project = project_to_measure(tmp_path, monkeypatch)
     checkouts = []
 
     def failing_run(preset, overrides, store, timeline, checkout=None):
@@ -382,14 +389,9 @@ def test_every_baseline_worktree_is_removed_when_a_later_sides_run_fails(
     """Two baselines, the same commit typed two ways: each runs in a worktree of its own, and
     when the second one's run fails or is interrupted after the first one's succeeded, both
     worktrees are gone and a failed run's error names the side it was."""
-    from helpers import tiny_project
-
     from benchmarks import experiment_time
 
-    project = tiny_project(tmp_path / "project")
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    monkeypatch.setattr(experiment_time, "warmed_store", lambda folder: "sqlite:///unused.db")
+    project = project_to_measure(tmp_path, monkeypatch)
     checkouts = []
 
     def second_run_fails(preset, overrides, store, timeline, checkout=None):
