@@ -28,7 +28,6 @@ from mnistlab.config import ParamsError, load_params
 from mnistlab.data import DataError, load_split
 from mnistlab.files import all_or_nothing, write_csv, write_json, write_text
 from mnistlab.loop import predict_split
-from mnistlab.signals import exit_finished
 from mnistlab.mnist import NUM_CLASSES
 from mnistlab.paths import (
     CURVES_FILE,
@@ -41,6 +40,7 @@ from mnistlab.paths import (
     REPORT_MD,
     REPORTS,
 )
+from mnistlab.signals import exit_finished
 
 OUTPUTS = (METRICS_FILE, PER_CLASS_FILE, PREDICTIONS_FILE, REPORT_JSON, REPORT_MD,
            FIGURES / "confusion_matrix.png", FIGURES / "training_curves.png")
