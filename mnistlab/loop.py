@@ -154,6 +154,23 @@ def augmented_epoch(data: Split, recipe: Train, generator: torch.Generator) -> t
         return normalize(warped, recipe.normalize).contiguous(memory_format=memory_format(recipe))
 
 
+def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  optimizer: torch.optim.Optimizer, dtype: torch.dtype, clip: float = 0.0,
+                  forward: Forward | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch: logits under autocast (`forward`, default the model),
+    the loss in fp32, gradients clipped to `clip` when it is above 0. Returns the loss and
+    the logits, still on the device."""
+    with autocast(images.device, dtype):
+        logits = (forward or model)(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss, logits
+
+
 def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, recipe: Train,
                     generator: torch.Generator, dtype: torch.dtype, epoch: int,
@@ -177,14 +194,8 @@ def train_one_epoch(model: nn.Module, data: Split, optimizer: torch.optim.Optimi
               leave=False) as bar:
         for step, index in enumerate(bar):
             labels = data.labels[index]
-            with autocast(device, dtype):
-                logits = forward(images[index])
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
+            loss, logits = training_step(model, images[index], labels, optimizer, dtype, clip,
+                                         forward)
             if scheduler is not None:
                 scheduler.step()
             total_loss += loss.detach() * len(index)

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mnistlab.config import Params
 from mnistlab.files import write_json
@@ -112,11 +111,11 @@ def measure(params: Params) -> Measurement:
     """Time training steps of `params`' model, at its batch size and memory format, in fp32
     and under bf16 autocast, on random images (the speed of these kernels does not depend
     on the pixels)."""
-    from mnistlab.loop import autocast, make_optimizer, memory_format  # loop imports runtime
+    # loop imports runtime, which imports this module
+    from mnistlab.loop import make_optimizer, memory_format, training_step
     from mnistlab.model import build_model
 
     recipe = params.train
-    cpu = torch.device("cpu")
     best = {torch.float32: 0.0, torch.bfloat16: 0.0}
     with torch.random.fork_rng(devices=[]):
         model = build_model(params.model).to(memory_format=memory_format(recipe))
@@ -127,12 +126,7 @@ def measure(params: Params) -> Measurement:
 
         def steps(count: int, dtype: torch.dtype) -> None:
             for _ in range(count):
-                with autocast(cpu, dtype):
-                    logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                training_step(model, images, labels, optimizer, dtype)
 
         model.train()
         for _ in range(ROUNDS):
